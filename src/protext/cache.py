@@ -1,0 +1,140 @@
+"""Atomic files and a resumable on-disk feature store.
+
+Everything protext writes that took compute to make (targets, image features, checkpoints)
+goes through `atomic_*`: the file appears whole or not at all, so a run killed at any moment
+leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ProtextError
+
+
+def default_cache_dir() -> Path:
+    """`$PROTEXT_CACHE`, else `~/.cache/protext`."""
+    return Path(os.environ.get("PROTEXT_CACHE", Path.home() / ".cache" / "protext"))
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never a pickle), with an error that names the file."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProtextError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def sha1(*parts: str) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class FeatureStore:
+    """Feature vectors keyed by strings, stored as atomic safetensors shards in one folder.
+
+    `get(keys, compute)` returns a (len(keys), dim) tensor, computing only the keys no earlier
+    run stored. Each computed chunk is written as its own shard before the next one starts, so
+    an interrupted computation resumes at the chunk it stopped in.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index: dict[str, tuple[Path, int]] = {}
+        self._loaded: dict[Path, torch.Tensor] = {}
+        if self.folder.is_dir():
+            for shard in sorted(self.folder.glob("shard-*.safetensors")):
+                keys = self._shard_keys(shard)
+                for i, k in enumerate(keys):
+                    self.index[k] = (shard, i)
+
+    @staticmethod
+    def _shard_keys(shard: Path) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return json.loads(f.metadata()["keys"])
+        except Exception:  # a foreign or damaged file is ignored: its keys get recomputed
+            return []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def _rows(self, shard: Path) -> torch.Tensor:
+        if shard not in self._loaded:
+            self._loaded[shard] = load_tensors(shard)["features"]
+        return self._loaded[shard]
+
+    def get(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], torch.Tensor],
+        chunk: int = 2048,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """`compute(positions)` encodes `keys[p]` for each position p not yet stored."""
+        missing, seen = [], set()
+        for i, k in enumerate(keys):
+            if k not in self.index and k not in seen:
+                missing.append(i)
+                seen.add(k)
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            feats = compute(part).float().cpu()
+            part_keys = [keys[i] for i in part]
+            shard = self.folder / f"shard-{sha1(*part_keys)[:16]}.safetensors"
+            atomic_save_tensors(shard, {"features": feats}, {"keys": json.dumps(part_keys)})
+            self._loaded[shard] = feats
+            for j, k in enumerate(part_keys):
+                self.index[k] = (shard, j)
+            if progress:
+                progress(len(part))
+        if not keys:
+            return torch.empty(0)
+        return torch.stack([self._rows(self.index[k][0])[self.index[k][1]] for k in keys])

@@ -1,0 +1,107 @@
+"""Class descriptions: `{class name: [sentence, ...]}` JSON files, checked and normalised.
+
+Class names are matched after normalising (lower case, `_` as space, single spaces), because
+description files and dataset split files spell the same class differently ("Abyssinian",
+"abyssinian", "annual_crop"). Every problem is reported with the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from .errors import ProtextError
+
+
+def normalize_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
+    """Validate a decoded JSON object; returns normalised names -> stripped sentences."""
+    if not isinstance(raw, Mapping):
+        raise ProtextError(f"{where}: expected a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
+    out: dict[str, list[str]] = {}
+    original: dict[str, str] = {}
+    for key, sentences in raw.items():
+        name = normalize_name(str(key))
+        if not name:
+            raise ProtextError(f"{where}: empty class name {key!r}")
+        if name in out:
+            raise ProtextError(f"{where}: keys {original[name]!r} and {key!r} are the same class after normalisation ({name!r})")
+        if not isinstance(sentences, list):
+            raise ProtextError(f"{where}: key {key!r}: expected a list of sentences, got {type(sentences).__name__}")
+        if not sentences:
+            raise ProtextError(f"{where}: key {key!r}: empty list of descriptions")
+        clean = []
+        for i, s in enumerate(sentences):
+            if not isinstance(s, str):
+                raise ProtextError(f"{where}: key {key!r}, item {i}: expected a string, got {type(s).__name__}")
+            if s.strip():
+                clean.append(s.strip())
+        if not clean:
+            raise ProtextError(f"{where}: key {key!r}: every description is blank")
+        out[name] = clean
+        original[name] = str(key)
+    if not out:
+        raise ProtextError(f"{where}: no classes")
+    return out
+
+
+def load_descriptions(path: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Read a description file; with `classes`, keep those (in that order) and fail on any missing."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ProtextError(f"{path}: no such description file") from e
+    except UnicodeDecodeError as e:
+        raise ProtextError(f"{path}: not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ProtextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    data = parse_descriptions(raw, str(path))
+    return select_classes(data, classes, str(path)) if classes is not None else data
+
+
+def select_classes(data: Mapping[str, list[str]], classes: Sequence[str], where: str) -> dict[str, list[str]]:
+    names = [normalize_name(c) for c in classes]
+    missing = [c for c, n in zip(classes, names) if n not in data]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ProtextError(f"{where}: no descriptions for {len(missing)} requested classes: {shown}{more}")
+    return {n: list(data[n]) for n in names}
+
+
+def read_class_list(spec: str) -> list[str]:
+    """Classes from a file (one per line, or a JSON list) or a comma-separated string."""
+    path = Path(spec)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            try:
+                names = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ProtextError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ProtextError(f"{path}: expected a JSON list of class names")
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ProtextError(f"no class names in {spec!r}")
+    return names
+
+
+def pairs(data: Mapping[str, Iterable[str]]) -> tuple[list[str], list[str], list[int], list[int]]:
+    """One training pair per description: (class index, description index) over unique texts."""
+    classes = list(data)
+    texts: dict[str, int] = {}
+    cls_idx, txt_idx = [], []
+    for c, sentences in enumerate(data.values()):
+        for s in sentences:
+            cls_idx.append(c)
+            txt_idx.append(texts.setdefault(s, len(texts)))
+    return classes, list(texts), cls_idx, txt_idx

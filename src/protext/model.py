@@ -1,0 +1,206 @@
+"""ProText: deep text prompts on a frozen backbone, saved as a few tensors plus a config.
+
+The trained state is one tensor, `prompts`, of shape (depth, n_ctx, width): row 0 replaces
+the token embeddings of "a photo of a" (or of the "X X … X" placeholder), rows 1..depth-1
+replace the hidden states at the same positions before the matching transformer block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, load_backbone
+from .cache import atomic_save_tensors, atomic_write_json, load_tensors
+from .errors import ProtextError
+from .text_encoder import Tokens, pad
+
+PROMPTS_FILE = "prompts.safetensors"
+CONFIG_FILE = "protext_config.json"
+INIT_PHRASE = "a photo of a"
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class PromptConfig:
+    """What a prompt file needs to be used again: the backbone and the prompt shape."""
+
+    backbone: str
+    revision: str | None
+    n_ctx: int = 4
+    depth: int = 9
+    init: str | None = INIT_PHRASE  # None: random init with the "X X … X" placeholder
+    template: str = DEFAULT_TEMPLATE
+    width: int = 0
+    fingerprint: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def placeholder(self) -> str:
+        """The words whose positions the context vectors take."""
+        return self.init if self.init else " ".join(["X"] * self.n_ctx)
+
+
+def resolve_init(n_ctx: int, init: str | None) -> str | None:
+    """The paper's rule: initialise from the words when n_ctx <= 4, else random with X's."""
+    if init and n_ctx <= len(init.split()):
+        return init
+    return None
+
+
+def prompted_text(template: str, name: str, placeholder: str) -> str:
+    """`template` with its leading "a photo of a" (if any) replaced by the placeholder words."""
+    if "{}" not in template:
+        raise ProtextError(f"template {template!r} has no '{{}}' where the class name goes")
+    rest = template[len(INIT_PHRASE):].lstrip() if template.lower().startswith(INIT_PHRASE) else template
+    return f"{placeholder} {rest.format(name)}"
+
+
+class ProText(nn.Module):
+    """A frozen backbone plus trainable deep text prompts."""
+
+    def __init__(self, backbone: Backbone, config: PromptConfig, prompts: torch.Tensor | None = None):
+        super().__init__()
+        text = backbone.text
+        if not 1 <= config.depth <= text.num_layers:
+            raise ProtextError(f"depth must be between 1 and {text.num_layers} for '{backbone.name}', got {config.depth}")
+        if config.n_ctx < 1:
+            raise ProtextError(f"n_ctx must be at least 1, got {config.n_ctx}")
+        got = text.count_words(config.placeholder)
+        if got != config.n_ctx:
+            raise ProtextError(
+                f"the context words {config.placeholder!r} are {got} tokens for this tokenizer, but n_ctx is "
+                f"{config.n_ctx}; use n_ctx={got} or random init (init=None)"
+            )
+        self.backbone = backbone
+        self.config = config
+        config.width = text.width
+        config.fingerprint = backbone.fingerprint()
+        if prompts is None:
+            prompts = self._initial_prompts()
+        expected = (config.depth, config.n_ctx, text.width)
+        if tuple(prompts.shape) != expected:
+            raise ProtextError(f"prompt tensor has shape {tuple(prompts.shape)}, expected {expected} from the config")
+        self.prompts = nn.Parameter(prompts.float().to(backbone.device))
+
+    @classmethod
+    def create(cls, backbone: Backbone, n_ctx: int = 4, depth: int = 9, init: str | None = INIT_PHRASE,
+               template: str = DEFAULT_TEMPLATE, seed: int = 0) -> "ProText":
+        torch.manual_seed(seed)
+        cfg = PromptConfig(backbone.name, backbone.revision, n_ctx, depth, resolve_init(n_ctx, init), template)
+        return cls(backbone, cfg)
+
+    def _initial_prompts(self) -> torch.Tensor:
+        cfg, text = self.config, self.backbone.text
+        prompts = torch.randn(cfg.depth, cfg.n_ctx, text.width) * 0.02
+        if cfg.init:
+            ids = text.tokenize([cfg.init]).ids[0, 1 : 1 + cfg.n_ctx].to(text.device)
+            prompts[0] = text.token_embedding(ids).detach().float().cpu()
+        return prompts
+
+    # -- encoding ----------------------------------------------------------------------
+    def class_token_lists(self, names: Sequence[str], template: str | None = None) -> list[list[int]]:
+        """Token ids of the prompted text for each class name (context positions hold placeholders)."""
+        template = template or self.config.template
+        return self.backbone.text.token_lists([prompted_text(template, n, self.config.placeholder) for n in names])
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        return self.backbone.text(tokens.to(self.backbone.device), self.prompts)
+
+    @torch.no_grad()
+    def encode_classes(self, names: Sequence[str], template: str | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Normalised prompted features of "template.format(name)" for each name, on the CPU."""
+        lists = self.class_token_lists(names, template)
+        pad_id = self.backbone.text.pad_id
+        out = [self(pad(lists[i : i + batch_size], pad_id)).cpu() for i in range(0, len(lists), batch_size)]
+        return torch.cat(out)
+
+    # -- files -------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `prompts.safetensors` and `protext_config.json` (atomically) into `folder`."""
+        folder = Path(folder)
+        atomic_save_tensors(folder / PROMPTS_FILE, {"prompts": self.prompts.detach().float()},
+                            {"format": "protext", "backbone": self.config.backbone})
+        atomic_write_json(folder / CONFIG_FILE, asdict(self.config))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, backbone: Backbone | None = None, device: str | None = None,
+                        revision: str | None = None) -> "ProText":
+        """Load prompts from a folder or a Hub repo id; load their backbone unless one is given."""
+        folder = _prompt_folder(source, revision)
+        config = read_config(folder / CONFIG_FILE)
+        tensors = load_tensors(folder / PROMPTS_FILE)
+        if "prompts" not in tensors:
+            raise ProtextError(f"{folder / PROMPTS_FILE}: no tensor named 'prompts' (found {sorted(tensors)})")
+        if backbone is None:
+            backbone = load_backbone(config.backbone, config.revision, device)
+        check_backbone(config, backbone, folder)
+        return cls(backbone, config, tensors["prompts"])
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the prompt file and config to a Hub model repo; returns its URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="Upload protext prompts")
+        return f"https://huggingface.co/{repo_id}"
+
+
+def read_config(path: Path) -> PromptConfig:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ProtextError(f"{path}: missing; a prompt folder holds {CONFIG_FILE} and {PROMPTS_FILE}") from e
+    except json.JSONDecodeError as e:
+        raise ProtextError(f"{path}: not valid JSON ({e})") from e
+    known = set(PromptConfig.__dataclass_fields__)
+    for key in ("backbone", "n_ctx", "depth"):
+        if key not in raw:
+            raise ProtextError(f"{path}: missing key '{key}'")
+    unknown = set(raw) - known
+    if unknown:
+        raise ProtextError(f"{path}: unknown keys {sorted(unknown)}")
+    return PromptConfig(**raw)
+
+
+def check_backbone(config: PromptConfig, backbone: Backbone, where: Path | str) -> None:
+    """Refuse prompts trained on other weights: the same shape is not enough to be meaningful."""
+    if config.width and config.width != backbone.text.width:
+        raise ProtextError(
+            f"{where}: prompts were trained on '{config.backbone}' (width {config.width}), "
+            f"but backbone '{backbone.name}' has width {backbone.text.width}"
+        )
+    if config.fingerprint and config.fingerprint != backbone.fingerprint():
+        raise ProtextError(
+            f"{where}: prompts were trained on '{config.backbone}' (revision {config.revision}), "
+            f"whose weights differ from backbone '{backbone.name}' (fingerprint {backbone.fingerprint()} != "
+            f"{config.fingerprint}); load them with the backbone they were trained on"
+        )
+
+
+def _prompt_folder(source: str | Path, revision: str | None) -> Path:
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
+        raise ProtextError(f"{source}: no such prompt folder (nor a Hub repo id of the form 'user/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=[PROMPTS_FILE, CONFIG_FILE]))
+    except Exception as e:  # network and Hub errors come in many classes
+        raise ProtextError(
+            f"could not download prompts '{source}' from the Hugging Face Hub ({e.__class__.__name__}). "
+            f"Offline? Copy the folder holding {PROMPTS_FILE} and {CONFIG_FILE} here and pass its path."
+        ) from e
