@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CUPL = SHARED / "descriptions" / "cupl"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the tests read the shared data beside the project")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from protext.tiny import tiny_clip
+
+    return tiny_clip(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    from protext.tiny import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tinyclip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def eurosat(shared):
+    from protext.descriptions import load_descriptions
+
+    return load_descriptions(CUPL / "eurosat_prompts_full.json")

@@ -1,0 +1,119 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from protext.backbone import from_model
+from protext.model import ProText
+from protext.text_encoder import pad
+from protext.tiny import _build
+
+NAMES = ["cat", "tench", "great white shark", "Annual Crop Land"]
+
+
+def test_untrained_depth1_prompts_equal_plain_clip_features():
+    model, tok = _build(3, ("a", "photo", "of"), {})
+    backbone = from_model(model, tok, "tiny")
+    prompted = ProText.create(backbone, n_ctx=4, depth=1).encode_classes(NAMES)
+    texts = [f"a photo of a {n}." for n in NAMES]
+    enc = tok(texts, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        reference = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    assert torch.allclose(prompted, reference, atol=1e-6), (prompted - reference).abs().max()
+
+
+def _layer_by_hand(layer, x):
+    """One CLIP block written out: pre-LN causal self-attention, then pre-LN MLP (quick GELU)."""
+    attn = layer.self_attn
+    h = F.layer_norm(x, (x.shape[-1],), layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps)
+    B, L, D = h.shape
+    heads = attn.num_heads
+    q = (h @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    k = (h @ attn.k_proj.weight.T + attn.k_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    v = (h @ attn.v_proj.weight.T + attn.v_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+    x = x + a @ attn.out_proj.weight.T + attn.out_proj.bias
+    h = F.layer_norm(x, (D,), layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps)
+    h = h @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias
+    h = h * torch.sigmoid(1.702 * h)
+    return x + h @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias
+
+
+def test_deep_prompt_replacement_matches_hand_computed_two_layer_model():
+    model, tok = _build(5, ("a", "photo", "of"), {"layers": 2})
+    assert model.config.text_config.hidden_act == "quick_gelu"
+    backbone = from_model(model, tok, "tiny")
+    pt = ProText.create(backbone, n_ctx=4, depth=2, seed=7)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.5)  # make the replacement visible
+        got = pt.encode_classes(NAMES)
+    tm = model.text_model
+    lists = pt.class_token_lists(NAMES)
+    n = 4
+    want = []
+    with torch.no_grad():
+        for ids in lists:
+            ids = torch.tensor(ids)
+            x = tm.embeddings.token_embedding.weight[ids].clone()
+            x[1 : 1 + n] = pt.prompts[0]
+            x = (x + tm.embeddings.position_embedding.weight[: len(ids)])[None]
+            x = _layer_by_hand(tm.encoder.layers[0], x)
+            x[0, 1 : 1 + n] = pt.prompts[1]
+            x = _layer_by_hand(tm.encoder.layers[1], x)
+            eot = F.layer_norm(x[0, -1], (x.shape[-1],), tm.final_layer_norm.weight, tm.final_layer_norm.bias,
+                               tm.final_layer_norm.eps)
+            want.append(F.normalize(eot @ model.text_projection.weight.T, dim=-1))
+    want = torch.stack(want)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # and the deep prompt really matters: depth 1 with the same layer-0 prompt differs
+    shallow = ProText(backbone, pt.config.__class__(**{**pt.config.__dict__, "depth": 1}), pt.prompts[:1].detach())
+    assert not torch.allclose(shallow.encode_classes(NAMES), got, atol=1e-3)
+
+
+def test_cutting_to_longest_sequence_changes_nothing(tiny):
+    pt = ProText.create(tiny, n_ctx=4, depth=2, seed=1)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.3)
+        lists = pt.class_token_lists(NAMES)
+        cut = pt(pad(lists, tiny.text.pad_id))
+        full = pt(pad(lists, tiny.text.pad_id, length=77))
+    assert torch.allclose(cut, full, atol=1e-6)
+
+
+def test_bert_tower_matches_mean_pooled_transformers_output():
+    from transformers import BertConfig, BertModel
+
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "x", ".", "big", "red"]
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.txt"), "w") as f:
+            f.write("\n".join(words))
+        tok = BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    bert = BertModel(cfg).eval()
+    backbone = from_model(bert, tok, "tiny-bert")
+    assert backbone.image is None and backbone.text.kind == "bert"
+    texts = ["a photo of a cat.", "a big red dog.", "a cat"]
+    mine = backbone.text.encode(texts)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = bert(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    ref = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert torch.allclose(mine, ref, atol=1e-5)
+    # prompts go right after [CLS], and padding a batch further changes nothing
+    assert torch.allclose(ProText.create(backbone, n_ctx=4, depth=1).encode_classes(["cat", "dog"]), backbone.text.encode(["a photo of a cat.", "a photo of a dog."]), atol=1e-5)
+    pt = ProText.create(backbone, n_ctx=4, depth=2)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.3)
+        lists = pt.class_token_lists(["cat", "big red dog"])
+        assert torch.allclose(pt(pad(lists, 0)), pt(pad(lists, 0, length=20)), atol=1e-5)
