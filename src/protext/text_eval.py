@@ -1,0 +1,196 @@
+"""An image-free check of learned prompts: classify held-out, name-masked descriptions.
+
+Users without labelled images still want to know whether prompts learned anything. Here the
+"images" are LLM descriptions the prompts never saw, with the class name replaced by a
+neutral word ("A tench is a freshwater fish" -> "A thing is a freshwater fish"), encoded by
+the frozen encoder. Each head (plain template, ProText prompts, description ensemble) is
+scored by top-1 accuracy of cosine similarity, in the paper's two transfer settings:
+
+- base-to-novel, one description set: prompts trained on the base classes' training
+  descriptions; base = held-out descriptions of base classes, novel = every description of
+  the novel classes (base/novel by CoOp's rule: the first ceil(n/2) labels are base);
+- cross-dataset: prompts trained on one set (ImageNet), tested on every other set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .backbone import Backbone
+from .cache import sha1
+from .model import ProText
+from .train import TrainConfig, encode_targets, train
+
+STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
+
+
+def mask_class_name(sentence: str, name: str, word: str = "thing") -> str:
+    """Replace the class name, then each of its words, by `word`.
+
+    Plurals and possessives are caught, and for words of five letters or more any word they
+    begin ("forest" -> "forested"), so the class cannot be read off the text.
+    """
+    def sub(pattern: str, text: str, suffix: str = r"(?:es|s|'s)?") -> str:
+        return re.sub(rf"(?<![\w-]){pattern}{suffix}(?![\w-])", word, text, flags=re.IGNORECASE)
+
+    words = [w for w in re.split(r"[\s_/]+", name) if w]
+    out = sub(r"[\s_-]+".join(re.escape(w) for w in words), sentence)
+    for w in words:
+        if w.lower() not in STOPWORDS:
+            out = sub(re.escape(w), out, r"[\w']*" if len(w) >= 5 else r"(?:es|s|'s)?")
+    return re.sub(rf"\b{re.escape(word)}(?:[\s-]+{re.escape(word)}\b)+", word, out, flags=re.IGNORECASE)
+
+
+def split_base_novel(classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """CoOp's rule: in label order, the first ceil(n/2) classes are base, the rest novel."""
+    k = math.ceil(len(classes) / 2)
+    return list(classes[:k]), list(classes[k:])
+
+
+def hold_out(data: Mapping[str, Sequence[str]], fraction: float, seed: int) -> tuple[dict, dict]:
+    """Per class: a seeded `fraction` (at least one, never all) held out; the rest for training."""
+    train_part, held = {}, {}
+    for name, sentences in data.items():
+        order = list(sentences)
+        random.Random(f"{seed}:{name}").shuffle(order)
+        k = min(max(1, round(fraction * len(order))), len(order) - 1)
+        train_part[name], held[name] = order[k:], order[:k]
+    return train_part, held
+
+
+@dataclass
+class Queries:
+    """Masked descriptions with their labels, as the stand-in for test images."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    originals: list[str]
+
+
+def make_queries(data: Mapping[str, Sequence[str]], classes: Sequence[str], mask_word: str) -> Queries:
+    texts, labels, originals = [], [], []
+    for i, name in enumerate(classes):
+        for s in data[name]:
+            texts.append(mask_class_name(s, name, mask_word))
+            originals.append(s)
+            labels.append(i)
+    return Queries(texts, torch.tensor(labels), originals)
+
+
+def accuracy(query_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of cosine similarity; both sides are already normalised."""
+    pred = (query_feats @ class_feats.T).argmax(1)
+    return 100.0 * (pred == labels).float().mean().item()
+
+
+def ensemble(features: torch.Tensor) -> torch.Tensor:
+    """CuPL's class embedding: the renormalised mean of normalised description features."""
+    return torch.nn.functional.normalize(features.mean(0), dim=-1)
+
+
+class TextEvaluator:
+    """Holds a backbone and the settings shared by both protocols."""
+
+    def __init__(self, backbone: Backbone, cfg: TrainConfig, cache_dir: Path | None = None, template: str = "a photo of a {}.",
+                 mask_word: str = "thing", show_progress: bool = False, work_dir: Path | None = None):
+        self.backbone = backbone
+        self.cfg = replace(cfg, depth=min(cfg.depth, backbone.text.num_layers))
+        self.cache_dir = cache_dir
+        self.template = template
+        self.mask_word = mask_word
+        self.show_progress = show_progress
+        self.work_dir = Path(work_dir) if work_dir else (Path(cache_dir or ".") / "eval-text-runs")
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        return encode_targets(self.backbone, list(texts), self.cache_dir, show_progress=self.show_progress)
+
+    def train_prompts(self, data: Mapping[str, Sequence[str]]) -> ProText:
+        """Train (or reuse the finished run for exactly these descriptions and settings)."""
+        key = sha1(self.backbone.fingerprint(), json.dumps(data), json.dumps(asdict(self.cfg)))[:16]
+        out = self.work_dir / key
+        if (out / "prompts.safetensors").exists():
+            return ProText.from_pretrained(out, backbone=self.backbone)
+        model, _ = train(self.backbone, data, self.cfg, out, self.cache_dir, resume=True,
+                         show_progress=self.show_progress)
+        return model
+
+    def score(self, queries: Queries, classes: Sequence[str], model: ProText,
+              train_data: Mapping[str, Sequence[str]] | None) -> dict[str, float]:
+        q = self.encode(queries.texts)
+        heads = {
+            "template": self.encode([self.template.format(c) for c in classes]),
+            "protext": model.encode_classes(classes, self.template),
+        }
+        if train_data is not None:
+            heads["ensemble"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
+        return {name: accuracy(q, queries.labels, w) for name, w in heads.items()}
+
+    def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1) -> dict:
+        classes = list(data)
+        base, novel = split_base_novel(classes)
+        train_part, held = hold_out({c: data[c] for c in base}, holdout, seed)
+        model = self.train_prompts(train_part)
+        base_q = make_queries(held, base, self.mask_word)
+        novel_q = make_queries(data, novel, self.mask_word)
+        b = self.score(base_q, base, model, train_part)
+        n = self.score(novel_q, novel, model, None)
+        n["ensemble"] = n["template"]  # no descriptions to train on for novel classes: CuPL falls back
+        result = {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b},
+                  "classes": {"base": len(base), "novel": len(novel)},
+                  "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)},
+                  "examples": examples(novel_q, novel, 3)}
+        return result
+
+    def cross_dataset(self, source: Mapping[str, Sequence[str]], targets: Mapping[str, Mapping[str, Sequence[str]]]) -> dict:
+        model = self.train_prompts(source)
+        out = {}
+        for name, data in targets.items():
+            classes = list(data)
+            q = make_queries(data, classes, self.mask_word)
+            out[name] = {**self.score(q, classes, model, None), "classes": len(classes), "queries": len(q.texts),
+                         "examples": examples(q, classes, 2)}
+        return out
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def examples(q: Queries, classes: Sequence[str], k: int) -> list[dict]:
+    """A few masked queries, evenly spread, so a person can see the task."""
+    step = max(1, len(q.texts) // max(k, 1))
+    return [{"class": classes[int(q.labels[i])], "original": q.originals[i], "masked": q.texts[i]}
+            for i in range(0, len(q.texts), step)][:k]
+
+
+def markdown_base_to_novel(results: Mapping[str, dict]) -> str:
+    heads = ["template", "ensemble", "protext"]
+    lines = ["| set | " + " | ".join(f"{h} base / novel / HM" for h in heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    mean = {h: [0.0, 0.0, 0.0] for h in heads}
+    for name, r in results.items():
+        cells = []
+        for h in heads:
+            vals = (r["base"][h], r["novel"][h], r["hm"][h])
+            cells.append(" / ".join(f"{v:.1f}" for v in vals))
+            mean[h] = [m + v / len(results) for m, v in zip(mean[h], vals)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(" / ".join(f"{v:.1f}" for v in mean[h]) for h in heads) + " |")
+    return "\n".join(lines)
+
+
+def markdown_cross(results: Mapping[str, dict]) -> str:
+    lines = ["| target set | template | protext |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['template']:.1f} | {r['protext']:.1f} |")
+    n = max(len(results), 1)
+    lines.append(f"| **mean** | {sum(r['template'] for r in results.values()) / n:.1f} | "
+                 f"{sum(r['protext'] for r in results.values()) / n:.1f} |")
+    return "\n".join(lines)

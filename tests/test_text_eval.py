@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from conftest import CUPL
+from protext.cli import main
+from protext.text_eval import (TextEvaluator, accuracy, ensemble, harmonic_mean, hold_out, make_queries,
+                               mask_class_name, split_base_novel)
+from protext.train import TrainConfig
+
+
+@pytest.mark.parametrize("sentence, name, want", [
+    ("A tench is a freshwater fish. Tenches are green.", "tench", "A thing is a freshwater fish. thing are green."),
+    ("Great white sharks have a great white shark's teeth.", "great white shark", "thing have a thing teeth."),
+    ("A satellite photo of Annual Crop Land shows crop rows.", "annual crop land", "A satellite photo of thing shows thing rows."),
+    ("The Abyssinian cat is slim.", "abyssinian", "The thing cat is slim."),
+    ("Sea or lake water looks blue.", "sea or lake", "thing water looks blue."),
+])
+def test_masking_hides_the_class_name(sentence, name, want):
+    assert mask_class_name(sentence, name) == want
+
+
+def test_masking_all_real_eurosat_descriptions_removes_every_name_word(eurosat):
+    for name, sentences in eurosat.items():
+        for s in sentences:
+            masked = mask_class_name(s, name, "thing").lower()
+            assert name not in masked
+
+
+def test_base_novel_split_and_hold_out_follow_the_rules():
+    assert split_base_novel(list("abcde")) == (list("abc"), list("de"))
+    data = {"a": [f"s{i}" for i in range(10)], "b": ["only"], "c": ["x", "y"]}
+    tr, held = hold_out(data, 0.2, seed=3)
+    assert len(held["a"]) == 2 and len(tr["a"]) == 8 and set(tr["a"]) | set(held["a"]) == set(data["a"])
+    assert tr["b"] == ["only"] and held["b"] == []
+    assert len(held["c"]) == 1 and len(tr["c"]) == 1
+    assert hold_out(data, 0.2, seed=3) == (tr, held)
+    assert hold_out(data, 0.2, seed=4)[1]["a"] != held["a"] or hold_out(data, 0.2, seed=5)[1]["a"] != held["a"]
+
+
+def test_head_arithmetic_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert accuracy(q, torch.tensor([0, 1, 0]), w) == pytest.approx(200 / 3)
+    e = ensemble(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(e, torch.tensor([2 ** -0.5, 2 ** -0.5]))
+    assert harmonic_mean(60, 40) == pytest.approx(48.0) and harmonic_mean(0, 0) == 0
+
+
+def test_queries_carry_labels_in_class_order():
+    q = make_queries({"cat": ["A cat naps."], "dog": ["A dog runs.", "Dogs bark."]}, ["dog", "cat"], "thing")
+    assert q.texts == ["A thing runs.", "thing bark.", "A thing naps."]
+    assert q.labels.tolist() == [0, 0, 1]
+
+
+def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared):
+    from protext.descriptions import load_descriptions
+
+    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=2, warmup_epochs=1, lr=0.005), cache_dir=tmp_path)
+    r = ev.base_to_novel(load_descriptions(CUPL / "eurosat_prompts_full.json"), holdout=0.2, seed=1)
+    assert r["classes"] == {"base": 5, "novel": 5}
+    assert r["queries"] == {"base": 25, "novel": 125}
+    for split in ("base", "novel", "hm"):
+        assert set(r[split]) == {"template", "protext", "ensemble"}
+        assert all(0 <= v <= 100 for v in r[split].values())
+    assert r["novel"]["ensemble"] == r["novel"]["template"]
+    assert all("thing" in e["masked"] for e in r["examples"])
+    x = ev.cross_dataset(load_descriptions(CUPL / "eurosat_prompts_full.json"),
+                         {"pets": load_descriptions(CUPL / "pets_prompts_full.json")})
+    assert x["pets"]["classes"] == 37 and x["pets"]["queries"] == 740
+
+
+def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["eval-text", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
+                 str(CUPL / "pets_prompts_full.json"), "--source", str(CUPL / "cifar10_prompts_full.json"),
+                 "--depth", "2", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.001", "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "eval_text.json").read_text())
+    assert set(report["base2novel"]) == {"eurosat_prompts_full", "pets_prompts_full"}
+    assert set(report["cross_dataset"]) == {"eurosat_prompts_full", "pets_prompts_full"}
+    md = (out / "eval_text.md").read_text()
+    assert "| **mean** |" in md and "thing" in md
+    assert "eurosat_prompts_full" in capsys.readouterr().out
