@@ -12,13 +12,14 @@ template ("a photo of a {}."), the description ensemble, and ProText prompts.
 Prints Markdown tables, the number of sets where ProText beats the template on novel
 classes, and the run time.
 
-    python benchmarks/text_proxy.py [--epochs 30] [--lr 0.01] [--out bench-text-proxy]
+    python benchmarks/text_proxy.py [--depth 6] [--lr 0.03] [--steps 300] [--out bench-text-proxy]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,9 +29,11 @@ CUPL = ROOT.parent / "shared" / "data" / "descriptions" / "cupl"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--cross-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=30, help="base-to-novel epochs, at most")
+    ap.add_argument("--steps", type=int, default=300, help="base-to-novel: fewer epochs for large sets, about this many steps")
+    ap.add_argument("--lr", type=float, default=0.03)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--cross-epochs", type=int, default=3)
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-text-proxy")
@@ -41,7 +44,7 @@ def main() -> None:
 
     from protext.backbone import load_backbone
     from protext.descriptions import load_descriptions
-    from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
+    from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross, split_base_novel
     from protext.train import make_config
 
     t0 = time.time()
@@ -49,18 +52,20 @@ def main() -> None:
     sets = {p.stem.replace("_prompts_full", "").replace("_prompts_base", ""): load_descriptions(p)
             for p in sorted(CUPL.glob("*.json"))}
     cache = args.out / "cache"
-    common = dict(depth=6, warmup_epochs=1, seed=args.seed)
-    b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": args.epochs, "lr": args.lr}),
-                        cache, show_progress=args.progress, work_dir=args.out / "runs")
+    common = dict(depth=args.depth, warmup_epochs=1, seed=args.seed, lr=args.lr)
     base_to_novel = {}
     for name, data in sets.items():
         t = time.time()
-        base_to_novel[name] = b2n.base_to_novel(data, args.holdout, args.seed)
-        r = base_to_novel[name]
-        print(f"{name}: novel template {r['novel']['template']:.1f} protext {r['novel']['protext']:.1f} "
+        base, _ = split_base_novel(list(data))
+        pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
+        epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
+        b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
+                            show_progress=args.progress, work_dir=args.out / "runs")
+        base_to_novel[name] = r = b2n.base_to_novel(data, args.holdout, args.seed)
+        r["epochs"] = epochs
+        print(f"{name}: {epochs} epochs, novel template {r['novel']['template']:.1f} protext {r['novel']['protext']:.1f} "
               f"({time.time() - t:.0f} s)", flush=True)
-    cross = TextEvaluator(backbone, make_config("cross-dataset", overrides={**common, "epochs": args.cross_epochs,
-                                                                            "lr": args.lr}),
+    cross = TextEvaluator(backbone, make_config("cross-dataset", overrides={**common, "epochs": args.cross_epochs}),
                           cache, show_progress=args.progress, work_dir=args.out / "runs")
     cross_res = cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"})
     seconds = time.time() - t0
@@ -70,8 +75,9 @@ def main() -> None:
     wins = sum(base_to_novel[n]["novel"]["protext"] > base_to_novel[n]["novel"]["template"] for n in others)
     mean = lambda key, head, names: sum(base_to_novel[n][key][head] for n in names) / len(names)  # noqa: E731
     print()
-    print(f"backbone: all-MiniLM-L6-v2 (pretrained), n_ctx 4, depth 6, lr {args.lr}, base2novel epochs {args.epochs}, "
-          f"cross-dataset epochs {args.cross_epochs}, hold-out {args.holdout}, seed {args.seed}")
+    print(f"backbone: all-MiniLM-L6-v2 (pretrained), n_ctx 4, depth {args.depth}, lr {args.lr}, base2novel epochs "
+          f"{', '.join(n + ' ' + str(r['epochs']) for n, r in base_to_novel.items())}; cross-dataset epochs {args.cross_epochs}; "
+          f"hold-out {args.holdout}, seed {args.seed}")
     print()
     print("## Base-to-novel (top-1 %: base / novel / HM)")
     print()

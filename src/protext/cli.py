@@ -153,11 +153,119 @@ def _run_eval_text(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _describe_parser(sub) -> None:
+    from .describe import QUESTIONS
+
+    p = sub.add_parser("describe", help="generate class descriptions with an LLM",
+                       description="Ask an LLM to describe each class (CuPL-style). Each finished class is saved at "
+                                   "once; rerunning asks only for the classes the output file lacks.")
+    p.add_argument("--classes", required=True, help="a file (one class per line, or a JSON list) or a,b,c")
+    p.add_argument("--dataset-kind", default="objects", choices=sorted(QUESTIONS), help="which question set to ask")
+    p.add_argument("--out", type=Path, required=True, help="description JSON file to write (and resume)")
+    p.add_argument("--samples", type=int, default=3, help="answers per question (default: %(default)s)")
+    p.add_argument("--base-url", default=None, help="chat-completions server, e.g. http://localhost:11434/v1 "
+                                                    "(default: $OPENAI_BASE_URL or https://api.openai.com/v1)")
+    p.add_argument("--model", default=None, help="model name (default: $PROTEXT_LLM_MODEL or gpt-4o-mini)")
+    p.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--local-model", default=None, help="use this local transformers causal LM instead of a server")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx, time-outs and malformed answers")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--temperature", type=float, default=0.99)
+    p.add_argument("--max-tokens", type=int, default=80)
+    p.add_argument("--max-chars", type=int, default=300, help="drop answers longer than this")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_describe)
+
+
+def _run_describe(args: argparse.Namespace) -> None:
+    import os
+
+    from .describe import ChatClient, LocalGenerator, Usage, describe
+    from .descriptions import read_class_list
+
+    if args.samples < 1 or args.concurrency < 1:
+        raise ProtextError("--samples and --concurrency must be at least 1")
+    usage = Usage()
+    if args.local_model:
+        generate = LocalGenerator(args.local_model, args.max_tokens, usage)
+    else:
+        base = args.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        generate = ChatClient(base, args.model or os.environ.get("PROTEXT_LLM_MODEL", "gpt-4o-mini"),
+                              args.api_key or os.environ.get("OPENAI_API_KEY"), args.temperature, args.max_tokens,
+                              args.timeout, args.max_retries, usage=usage)
+    report = describe(read_class_list(args.classes), args.dataset_kind, args.out, generate, args.samples,
+                      args.concurrency, args.max_chars, not args.no_progress)
+    report["usage"] = usage.as_dict()
+    print(json.dumps(report, indent=2))
+    if report["failed"]:
+        raise ProtextError(f"{len(report['failed'])} classes got no descriptions (kept out of {args.out}); "
+                           f"rerun the same command to ask for them again")
+
+
+def _descriptions_parser(sub) -> None:
+    from .formats import FORMATS
+
+    p = sub.add_parser("descriptions", help="fetch, import and inspect description files")
+    dsub = p.add_subparsers(dest="action", required=True)
+    f = dsub.add_parser("fetch", help="download a public description set into the cache")
+    f.add_argument("name", help="set name, e.g. cupl:imagenet (see 'protext descriptions list')")
+    f.add_argument("--out", type=Path, default=None, help="also copy it here")
+    f.add_argument("--cache-dir", type=Path, default=None)
+    f.set_defaults(run=_run_fetch)
+    ls = dsub.add_parser("list", help="list the public description sets")
+    ls.set_defaults(run=_run_list)
+    i = dsub.add_parser("import", help="convert DCLIP descriptors or a folder of .txt files to protext JSON")
+    i.add_argument("source", help="file or folder to read")
+    i.add_argument("--format", choices=FORMATS, required=True)
+    i.add_argument("--out", type=Path, required=True)
+    i.set_defaults(run=_run_import)
+    s = dsub.add_parser("stats", help="classes, sentences per class, duplicates, lengths, coverage")
+    s.add_argument("file")
+    s.add_argument("--classes", default=None, help="label set to check coverage of: a file or a,b,c")
+    s.set_defaults(run=_run_stats)
+
+
+def _run_list(args: argparse.Namespace) -> None:
+    from .sources import SOURCES
+
+    for name, url in SOURCES.items():
+        print(f"{name}\t{url}")
+
+
+def _run_fetch(args: argparse.Namespace) -> None:
+    from .cache import atomic_write_bytes
+    from .sources import fetch
+
+    path = fetch(args.name, args.cache_dir)
+    if args.out:
+        atomic_write_bytes(args.out, path.read_bytes())
+        path = args.out
+    print(path)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from .cache import atomic_write_json
+    from .formats import import_descriptions
+
+    data = import_descriptions(args.source, args.format)
+    atomic_write_json(args.out, data)
+    print(f"{args.out}: {len(data)} classes, {sum(map(len, data.values()))} sentences")
+
+
+def _run_stats(args: argparse.Namespace) -> None:
+    from .descriptions import load_descriptions, read_class_list, stats
+
+    print(json.dumps(stats(load_descriptions(args.file), read_class_list(args.classes) if args.classes else None), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protext", description="Learn CLIP text prompts from class descriptions alone (ProText).")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_text_parser(sub)
+    _describe_parser(sub)
+    _descriptions_parser(sub)
     return parser
 
 

@@ -105,3 +105,29 @@ def pairs(data: Mapping[str, Iterable[str]]) -> tuple[list[str], list[str], list
             cls_idx.append(c)
             txt_idx.append(texts.setdefault(s, len(texts)))
     return classes, list(texts), cls_idx, txt_idx
+
+
+def stats(data: Mapping[str, Sequence[str]], classes: Sequence[str] | None = None) -> dict:
+    """Counts a person checks before training: sizes, duplicates, lengths, coverage of a label set."""
+    counts = [len(v) for v in data.values()]
+    words = sorted(len(s.split()) for v in data.values() for s in v)
+    within = sum(len(v) - len({s.lower() for s in v}) for v in data.values())
+    owners: dict[str, set[str]] = {}
+    for name, sentences in data.items():
+        for s in sentences:
+            owners.setdefault(s.lower(), set()).add(name)
+    shared = sum(1 for o in owners.values() if len(o) > 1)
+
+    def pct(q: float) -> int:
+        return words[min(len(words) - 1, int(q * len(words)))]
+
+    out = {"classes": len(data), "sentences": sum(counts),
+           "per_class": {"min": min(counts), "mean": round(sum(counts) / len(counts), 2), "max": max(counts)},
+           "fewest": sorted(data, key=lambda k: len(data[k]))[:5],
+           "duplicates_within_class": within, "sentences_shared_by_classes": shared,
+           "words_per_sentence": {"p5": pct(0.05), "median": pct(0.5), "p95": pct(0.95), "max": words[-1]}}
+    if classes is not None:
+        wanted = {normalize_name(c): c for c in classes}
+        out["label_set"] = {"size": len(wanted), "missing": [c for n, c in wanted.items() if n not in data],
+                            "extra": [n for n in data if n not in wanted]}
+    return out

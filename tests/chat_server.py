@@ -1,0 +1,89 @@
+"""A chat-completions server on 127.0.0.1 for tests, told per request how to misbehave."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class ChatServer:
+    """`script` is a list of behaviours used in order, then `default` forever:
+    "ok", "slow", "429" (Retry-After: `retry_after`), "500", "bad-json", "no-choices"."""
+
+    def __init__(self, default: str = "ok", script: list[str] | None = None, delay: float = 0.0, retry_after: str = "0"):
+        self.default, self.script, self.delay, self.retry_after = default, list(script or []), delay, retry_after
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.questions: list[str] = []
+        self.statuses: list[int] = []
+        self.times: list[float] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                self.left = False
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                question = body["messages"][0]["content"]
+                with server.lock:
+                    behaviour = server.script.pop(0) if server.script else server.default
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.questions.append(question)
+                    server.times.append(time.monotonic())
+                try:
+                    if behaviour == "slow" or server.delay:
+                        time.sleep(server.delay or 0.2)
+                    if behaviour == "429":
+                        self._send(429, b'{"error": "rate limited"}', {"Retry-After": server.retry_after})
+                    elif behaviour == "500":
+                        self._send(500, b"oops")
+                    elif behaviour == "bad-json":
+                        self._send(200, b'{"choices": [{"message": ')
+                    elif behaviour == "no-choices":
+                        self._send(200, b'{"choices": []}')
+                    else:
+                        name = re.sub(r"^.*?(?:of an? |of |like |a )", "", question).rstrip("?.")
+                        text = f"1. A {name} is easy to spot in photos. It has many features."
+                        payload = {"choices": [{"message": {"role": "assistant", "content": text}}],
+                                   "usage": {"prompt_tokens": 10, "completion_tokens": 12}}
+                        self._send(200, json.dumps(payload).encode())
+                finally:
+                    self._leave()
+
+            def _leave(self):
+                # counted out before the answer goes back, so the client's next request cannot overlap it
+                if not getattr(self, "left", False):
+                    self.left = True
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _send(self, code, body, headers=None):
+                self._leave()
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                with server.lock:
+                    server.statuses.append(code)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda request, address: None  # a client that timed out is expected here
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ChatServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
