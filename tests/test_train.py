@@ -15,7 +15,7 @@ from protext.cache import load_tensors
 from protext.descriptions import pairs
 from protext.errors import ProtextError
 from protext.model import ProText
-from protext.train import TrainConfig, batch_loss, encode_targets, lr_at, make_config, train
+from protext.train import TrainConfig, batch_loss, encode_texts, lr_at, make_config, train
 from reference import plain_loss
 
 
@@ -30,7 +30,7 @@ def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
         fast.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         plain.prompts.copy_(fast.prompts)
 
-    targets = encode_targets(tiny, texts, tmp_path, show_progress=False)[torch.tensor(txt_idx)]
+    targets = encode_texts(tiny, texts, tmp_path, show_progress=False)[torch.tensor(txt_idx)]
     loss_fast = batch_loss(fast, fast.class_token_lists(classes), torch.tensor(cls_idx)[batch], targets[batch], cfg)
     loss_fast.backward()
 
@@ -46,13 +46,13 @@ def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
 
 def test_targets_are_cached_and_reused(tiny, eurosat, tmp_path, monkeypatch):
     _, texts, _, _ = pairs(eurosat)
-    first = encode_targets(tiny, texts, tmp_path, show_progress=False)
+    first = encode_texts(tiny, texts, tmp_path, show_progress=False)
     calls = []
     original = tiny.text.encode
     monkeypatch.setattr(tiny.text, "encode", lambda t, **k: calls.append(len(t)) or original(t, **k))
-    again = encode_targets(tiny, texts, tmp_path, show_progress=False)
+    again = encode_texts(tiny, texts, tmp_path, show_progress=False)
     assert calls == [] and torch.equal(first, again)
-    more = encode_targets(tiny, texts + ["A brand new sentence."], tmp_path, show_progress=False)
+    more = encode_texts(tiny, texts + ["A brand new sentence."], tmp_path, show_progress=False)
     assert calls == [1] and torch.equal(more[:-1], first)
 
 

@@ -111,6 +111,29 @@ class FeatureStore:
             self._loaded[shard] = load_tensors(shard)["features"]
         return self._loaded[shard]
 
+    def missing(self, keys: Sequence[str]) -> list[int]:
+        """Positions of the keys not stored yet (each distinct key once)."""
+        out, seen = [], set()
+        for i, k in enumerate(keys):
+            if k not in self.index and k not in seen:
+                out.append(i)
+                seen.add(k)
+        return out
+
+    def put(self, keys: Sequence[str], feats: torch.Tensor) -> None:
+        """Store one shard, atomically; after this the keys survive any interruption."""
+        feats = feats.float().cpu()
+        shard = self.folder / f"shard-{sha1(*keys)[:16]}.safetensors"
+        atomic_save_tensors(shard, {"features": feats}, {"keys": json.dumps(list(keys))})
+        self._loaded[shard] = feats
+        for j, k in enumerate(keys):
+            self.index[k] = (shard, j)
+
+    def stack(self, keys: Sequence[str]) -> torch.Tensor:
+        if not keys:
+            return torch.empty(0)
+        return torch.stack([self._rows(self.index[k][0])[self.index[k][1]] for k in keys])
+
     def get(
         self,
         keys: Sequence[str],
@@ -119,22 +142,10 @@ class FeatureStore:
         progress: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """`compute(positions)` encodes `keys[p]` for each position p not yet stored."""
-        missing, seen = [], set()
-        for i, k in enumerate(keys):
-            if k not in self.index and k not in seen:
-                missing.append(i)
-                seen.add(k)
+        missing = self.missing(keys)
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
-            feats = compute(part).float().cpu()
-            part_keys = [keys[i] for i in part]
-            shard = self.folder / f"shard-{sha1(*part_keys)[:16]}.safetensors"
-            atomic_save_tensors(shard, {"features": feats}, {"keys": json.dumps(part_keys)})
-            self._loaded[shard] = feats
-            for j, k in enumerate(part_keys):
-                self.index[k] = (shard, j)
+            self.put([keys[i] for i in part], compute(part))
             if progress:
                 progress(len(part))
-        if not keys:
-            return torch.empty(0)
-        return torch.stack([self._rows(self.index[k][0])[self.index[k][1]] for k in keys])
+        return self.stack(keys)

@@ -259,12 +259,150 @@ def _run_stats(args: argparse.Namespace) -> None:
     print(json.dumps(stats(load_descriptions(args.file), read_class_list(args.classes) if args.classes else None), indent=2))
 
 
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with any label set",
+                       description="Zero-shot classification of image files with learned prompts (or plain CLIP).")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
+    p.add_argument("--prompts", default=None, help="prompt folder or Hub id (default: none, plain CLIP template)")
+    p.add_argument("--descriptions", default=None, help="description JSON, for the cupl and protext+cupl heads")
+    p.add_argument("--head", default=None, help="clip, clip80, cupl, protext or protext+cupl (default: protext with "
+                                                "--prompts, else cupl with --descriptions, else clip)")
+    p.add_argument("--dataset", default=None, help="dataset name whose templates to use (e.g. oxford_pets)")
+    p.add_argument("--top-k", type=int, default=3)
+    _add_backbone_args(p)
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from .descriptions import read_class_list
+    from .zeroshot import ProTextClassifier
+
+    backbone = None if args.prompts else args.backbone
+    clf = ProTextClassifier(backbone, read_class_list(args.classes), prompts=args.prompts,
+                            descriptions=args.descriptions, head=args.head, dataset=args.dataset,
+                            cache_dir=args.cache_dir, device=args.device)
+    pred = clf.predict(args.images)
+    for name, top in zip(pred.inputs, pred.top(args.top_k)):
+        print(json.dumps({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top]}))
+    for name, reason in pred.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+
+
+def _eval_parser(sub) -> None:
+    from .datasets import DATASETS
+
+    p = sub.add_parser("eval", help="accuracy of heads on one image dataset",
+                       description="Top-1 accuracy of zero-shot heads on one dataset (CoOp layout, image folder or CSV).")
+    p.add_argument("--dataset", required=True, help=f"folder, csv, or one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-root", type=Path, required=True, help="CoOp data root, image folder, or CSV file")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--subset", default="all", choices=["all", "base", "novel"], help="CoOp base/novel half")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: clip, plus cupl/protext when possible)")
+    p.add_argument("--prompts", default=None, help="prompt folder or Hub id")
+    p.add_argument("--descriptions", default=None, help="description JSON or set name, for the cupl heads")
+    p.add_argument("--out", type=Path, default=None, help="also write the result row as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    _add_backbone_args(p)
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .backbone import load_backbone
+    from .benchmark import evaluate
+    from .cache import atomic_write_json
+    from .datasets import base_novel, load_dataset
+    from .descriptions import load_descriptions
+    from .model import ProText
+    from .sources import resolve
+    from .zeroshot import Heads
+
+    dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
+    prompts = ProText.from_pretrained(args.prompts, device=args.device) if args.prompts else None
+    backbone = prompts.backbone if prompts else load_backbone(args.backbone, args.revision, args.device)
+    descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
+    heads = args.heads.split(",") if args.heads else (["clip"] + (["cupl"] if descriptions else [])
+                                                      + (["protext"] if prompts else []))
+    row = evaluate(backbone, dataset, Heads(backbone, prompts, descriptions, args.cache_dir), heads, args.cache_dir,
+                   not args.no_progress)
+    if args.out:
+        atomic_write_json(args.out, row)
+    print(json.dumps({k: v for k, v in row.items() if k != "skipped_files"}, indent=2))
+    for name, reason in row["skipped_files"]:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+
+
+def _benchmark_parser(sub) -> None:
+    p = sub.add_parser("benchmark", help="one of the paper's four protocols, as a table",
+                       description="Run one of the paper's protocols; writes <protocol>.json, .md and .png to --out.")
+    p.add_argument("protocol", choices=["cross-dataset", "base2novel", "domain-generalization", "text-only"])
+    p.add_argument("--data-root", type=Path, required=True, help="CoOp data root holding the dataset folders")
+    p.add_argument("--prompts", default=None, help="cross-dataset / domain-generalization: ImageNet prompts "
+                                                   "(default: train them with the matching preset into --out)")
+    p.add_argument("--prompts-dir", type=Path, default=None, help="base2novel / text-only: per-dataset prompt folders "
+                                                                  "(trained there when absent; default: <out>/prompts)")
+    p.add_argument("--descriptions-dir", type=Path, default=None, help="<dataset>.json description files "
+                                                                       "(default: the public CuPL sets)")
+    p.add_argument("--datasets", default=None, help="comma-separated subset of datasets to run")
+    p.add_argument("--config", type=Path, default=None, help="JSON or TOML settings over the preset")
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_backbone_args(p)
+    _add_settings_args(p)
+    p.set_defaults(run=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> None:
+    from . import benchmark as bm
+    from .backbone import load_backbone
+    from .descriptions import load_descriptions
+    from .model import ProText
+    from .sources import fetch
+    from .train import train
+
+    show = not args.no_progress
+    backbone = load_backbone(args.backbone, args.revision, args.device)
+    names = args.datasets.split(",") if args.datasets else None
+    proto = args.protocol
+    if proto in ("cross-dataset", "domain-generalization"):
+        if args.prompts:
+            prompts = ProText.from_pretrained(args.prompts, backbone=backbone)
+        else:
+            preset = "cross-dataset" if proto == "cross-dataset" else "imagenet-200ep"
+            folder = args.out / f"prompts-{preset}"
+            if (folder / "prompts.safetensors").is_file():
+                prompts = ProText.from_pretrained(folder, backbone=backbone)
+            else:
+                data = load_descriptions(fetch("cupl:imagenet", args.cache_dir))
+                prompts, _ = train(backbone, data, _settings(args, preset), folder, args.cache_dir, resume=True,
+                                   show_progress=show, source="cupl:imagenet")
+        if proto == "cross-dataset":
+            kw = {"datasets": names} if names else {}
+            result = bm.cross_dataset(backbone, prompts, args.data_root, args.cache_dir, show_progress=show, **kw)
+        else:
+            result = bm.domain_generalization(backbone, prompts, args.data_root, args.cache_dir, show_progress=show)
+    else:
+        preset = "base2novel" if proto == "base2novel" else "text-only"
+        run = bm.base_to_novel if proto == "base2novel" else bm.text_only
+        kw = {"datasets": names} if names else {}
+        result = run(backbone, args.data_root, args.prompts_dir or args.out / "prompts", _settings(args, preset),
+                     args.descriptions_dir, args.cache_dir, show_progress=show, **kw)
+    files = bm.write_report(result, args.out)
+    print(bm.markdown(result))
+    print("wrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)
+    if not result["rows"]:
+        raise ProtextError("no dataset could be evaluated; see 'Not run' above for what was expected where")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protext", description="Learn CLIP text prompts from class descriptions alone (ProText).")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_text_parser(sub)
     _describe_parser(sub)
+    _predict_parser(sub)
+    _eval_parser(sub)
+    _benchmark_parser(sub)
     _descriptions_parser(sub)
     return parser
 

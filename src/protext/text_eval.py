@@ -27,7 +27,7 @@ import torch
 from .backbone import Backbone
 from .cache import sha1
 from .model import ProText
-from .train import TrainConfig, encode_targets, train
+from .train import TrainConfig, encode_texts, train
 
 STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
 
@@ -110,7 +110,7 @@ class TextEvaluator:
         self.work_dir = Path(work_dir) if work_dir else (Path(cache_dir or ".") / "eval-text-runs")
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        return encode_targets(self.backbone, list(texts), self.cache_dir, show_progress=self.show_progress)
+        return encode_texts(self.backbone, list(texts), self.cache_dir, show_progress=self.show_progress)
 
     def train_prompts(self, data: Mapping[str, Sequence[str]]) -> ProText:
         """Train (or reuse the finished run for exactly these descriptions and settings)."""

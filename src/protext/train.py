@@ -133,15 +133,15 @@ def text_store(backbone: Backbone, cache_dir: Path | None = None) -> FeatureStor
     return FeatureStore(Path(cache_dir or default_cache_dir()) / "text" / f"{slug}-{key}")
 
 
-def encode_targets(backbone: Backbone, texts: Sequence[str], cache_dir: Path | None = None,
-                   show_progress: bool = True) -> torch.Tensor:
-    """Plain features of `texts`, from the cache where an earlier run stored them."""
+def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Path | None = None,
+                 show_progress: bool = True) -> torch.Tensor:
+    """Plain (unprompted) features of `texts`, from the on-disk cache where an earlier run stored them."""
     from tqdm.auto import tqdm
 
     store = text_store(backbone, cache_dir)
     keys = [sha1(t) for t in texts]
     todo = len({k for k in keys if k not in store})
-    bar = tqdm(total=todo, desc="encoding targets", unit="text", disable=not show_progress or todo == 0)
+    bar = tqdm(total=todo, desc="encoding texts", unit="text", disable=not show_progress or todo == 0)
     with bar:
         return store.get(keys, lambda pos: backbone.text.encode([texts[p] for p in pos]), progress=bar.update)
 
@@ -172,7 +172,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     classes, texts, cls_idx, txt_idx = pairs(descriptions)
     data_hash = _data_hash(descriptions)
     t0 = time.time()
-    targets_all = encode_targets(backbone, texts, cache_dir, show_progress)
+    targets_all = encode_texts(backbone, texts, cache_dir, show_progress)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
     cls_t = torch.tensor(cls_idx, dtype=torch.long)

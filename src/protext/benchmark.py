@@ -1,0 +1,240 @@
+"""The paper's four image protocols, each one call, each writing JSON, Markdown and a chart.
+
+- cross-dataset:          prompts trained on ImageNet descriptions, tested on ImageNet and 10 others;
+- base2novel:             per dataset, prompts trained on the base classes' descriptions,
+                          tested on base and novel classes (HM);
+- domain-generalization:  the ImageNet prompts on ImageNetV2, -Sketch, -A, -R;
+- text-only:              per dataset, prompts trained on all its classes' descriptions.
+
+A dataset missing under the data root is reported (with what was expected where) and the
+others still run. Image features and trained prompts are cached, so a rerun only does
+what is new.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import paper
+from .backbone import Backbone
+from .cache import atomic_write_bytes, atomic_write_json
+from .datasets import CROSS_DATASET_TARGETS, DOMAIN_SHIFTS, Dataset, base_novel, load_dataset
+from .descriptions import load_descriptions, select_classes
+from .errors import ProtextError
+from .features import Features, extract
+from .model import ProText
+from .sources import SOURCES, fetch
+from .train import TrainConfig, train
+from .zeroshot import Heads
+
+B2N_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
+
+
+def accuracy(features: Features, weights: torch.Tensor) -> float:
+    if len(features.labels) == 0:
+        return float("nan")
+    pred = (features.feats @ weights.T).argmax(1)
+    return 100.0 * (pred == features.labels).float().mean().item()
+
+
+def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence[str], cache_dir: Path | None = None,
+             show_progress: bool = True) -> dict:
+    """Top-1 accuracy of each named head on `dataset`, plus counts and skipped files."""
+    feats = extract(backbone, dataset, cache_dir, show_progress=show_progress)
+    row = {"dataset": dataset.name, "split": dataset.split, "classes": len(dataset.classes),
+           "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50]}
+    for name in names:
+        row[name] = accuracy(feats, heads.get(name, dataset.classes, dataset.name))
+    return row
+
+
+def descriptions_for(dataset: str, descriptions_dir: Path | None, cache_dir: Path | None) -> dict | None:
+    """`<descriptions_dir>/<dataset>.json`, else the public CuPL set of that name, else None."""
+    if descriptions_dir is not None and (Path(descriptions_dir) / f"{dataset}.json").is_file():
+        return load_descriptions(Path(descriptions_dir) / f"{dataset}.json")
+    if f"cupl:{dataset}" in SOURCES:
+        return load_descriptions(fetch(f"cupl:{dataset}", cache_dir))
+    return None
+
+
+def _prompts(folder: Path, backbone: Backbone, data: Mapping, cfg: TrainConfig, cache_dir: Path | None,
+             show_progress: bool) -> ProText:
+    """Load prompts from `folder`, or train them there first (resuming an interrupted run)."""
+    if (folder / "prompts.safetensors").is_file():
+        return ProText.from_pretrained(folder, backbone=backbone)
+    model, _ = train(backbone, data, cfg, folder, cache_dir, resume=True, show_progress=show_progress)
+    return model
+
+
+def _each(names: Sequence[str], run: Callable[[str], dict | list[dict]], missing: dict) -> list[dict]:
+    rows = []
+    for name in names:
+        try:
+            out = run(name)
+        except ProtextError as e:
+            missing[name] = str(e)
+            continue
+        rows.extend(out if isinstance(out, list) else [out])
+    return rows
+
+
+def cross_dataset(backbone: Backbone, prompts: ProText, data_root: Path, cache_dir: Path | None = None,
+                  datasets: Sequence[str] = ("imagenet", *CROSS_DATASET_TARGETS), show_progress: bool = True) -> dict:
+    heads = Heads(backbone, prompts, prompts_descriptions(prompts, cache_dir), cache_dir)
+    missing: dict[str, str] = {}
+    rows = _each(datasets, lambda d: evaluate(backbone, load_dataset(d, data_root), heads, ("clip", "cupl", "protext"),
+                                              cache_dir, show_progress), missing)
+    targets = [r for r in rows if r["dataset"] != "imagenet"]
+    summary = {h: _mean(targets, h) for h in ("clip", "cupl", "protext")}
+    return {"protocol": "cross-dataset", "rows": rows, "mean_of_targets": summary, "missing": missing,
+            "paper": {"protext": paper.CROSS_DATASET_PROTEXT, "mean": paper.CROSS_DATASET_MEAN}}
+
+
+def prompts_descriptions(prompts: ProText, cache_dir: Path | None) -> dict | None:
+    """The ImageNet descriptions the cross-dataset prompts were trained on, for the CuPL head."""
+    source = prompts.config.training.get("source")
+    if source in SOURCES:
+        return load_descriptions(fetch(source, cache_dir))
+    if source and Path(source).is_file():
+        return load_descriptions(source)
+    return None
+
+
+def domain_generalization(backbone: Backbone, prompts: ProText, data_root: Path, cache_dir: Path | None = None,
+                          show_progress: bool = True) -> dict:
+    heads = Heads(backbone, prompts, prompts_descriptions(prompts, cache_dir), cache_dir)
+    missing: dict[str, str] = {}
+    rows = _each(DOMAIN_SHIFTS, lambda d: evaluate(backbone, load_dataset(d, data_root), heads,
+                                                   ("clip", "cupl", "protext"), cache_dir, show_progress), missing)
+    return {"protocol": "domain-generalization", "rows": rows, "mean": {h: _mean(rows, h) for h in ("clip", "cupl", "protext")},
+            "missing": missing, "paper": {"rows": paper.DOMAIN_GENERALIZATION, "mean": paper.DOMAIN_GENERALIZATION_MEAN}}
+
+
+def base_to_novel(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: TrainConfig,
+                  descriptions_dir: Path | None = None, cache_dir: Path | None = None,
+                  datasets: Sequence[str] = B2N_DATASETS, show_progress: bool = True) -> dict:
+    def run(name: str) -> dict:
+        full = load_dataset(name, data_root)
+        data = descriptions_for(name, descriptions_dir, cache_dir)
+        if data is None:
+            raise ProtextError(f"no descriptions for {name}: expected {descriptions_dir or '<--descriptions-dir>'}/{name}.json")
+        base, novel = base_novel(full, "base"), base_novel(full, "novel")
+        base_data = select_classes(data, base.classes, name)
+        prompts = _prompts(Path(prompts_dir) / name, backbone, base_data, cfg, cache_dir, show_progress)
+        heads = Heads(backbone, prompts, base_data, cache_dir)  # novel classes have no descriptions: CuPL falls back
+        b = evaluate(backbone, base, heads, ("clip", "cupl", "protext"), cache_dir, show_progress)
+        n = evaluate(backbone, novel, heads, ("clip", "cupl", "protext"), cache_dir, show_progress)
+        row = {"dataset": name, "images": b["images"] + n["images"], "skipped": b["skipped"] + n["skipped"]}
+        for h in ("clip", "cupl", "protext"):
+            row[h] = (b[h], n[h], _hm(b[h], n[h]))
+        return row
+
+    missing: dict[str, str] = {}
+    rows = _each(datasets, run, missing)
+    mean = {h: tuple(_mean([{"v": r[h][i]} for r in rows], "v") for i in range(3)) for h in ("clip", "cupl", "protext")}
+    return {"protocol": "base2novel", "rows": rows, "mean": mean, "missing": missing, "paper": {"mean": paper.BASE2NOVEL_MEAN}}
+
+
+def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: TrainConfig, descriptions_dir: Path | None = None,
+              cache_dir: Path | None = None, datasets: Sequence[str] = B2N_DATASETS, show_progress: bool = True) -> dict:
+    def run(name: str) -> dict:
+        ds = load_dataset(name, data_root)
+        data = descriptions_for(name, descriptions_dir, cache_dir)
+        if data is None:
+            raise ProtextError(f"no descriptions for {name}: expected {descriptions_dir or '<--descriptions-dir>'}/{name}.json")
+        data = select_classes(data, ds.classes, name)
+        prompts = _prompts(Path(prompts_dir) / name, backbone, data, cfg, cache_dir, show_progress)
+        return evaluate(backbone, ds, Heads(backbone, prompts, data, cache_dir), ("clip", "clip80", "cupl", "protext"),
+                        cache_dir, show_progress)
+
+    missing: dict[str, str] = {}
+    rows = _each(datasets, run, missing)
+    return {"protocol": "text-only", "rows": rows, "mean": {h: _mean(rows, h) for h in ("clip", "clip80", "cupl", "protext")},
+            "missing": missing, "paper": {"imagenet": paper.TEXT_ONLY_IMAGENET}}
+
+
+def _mean(rows: Sequence[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _hm(b: float, n: float) -> float:
+    return 0.0 if b + n == 0 else 2 * b * n / (b + n)
+
+
+# -- reports ----------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    p = result["protocol"]
+    lines = [f"# {p}", ""]
+    if p == "base2novel":
+        lines += ["| dataset | CLIP base/novel/HM | CuPL base/novel/HM | ProText base/novel/HM |", "|---|---|---|---|"]
+        fmt = lambda t: " / ".join(f"{v:.2f}" for v in t)  # noqa: E731
+        for r in result["rows"]:
+            lines.append(f"| {r['dataset']} | {fmt(r['clip'])} | {fmt(r['cupl'])} | {fmt(r['protext'])} |")
+        m, pm = result["mean"], result["paper"]["mean"]
+        lines.append(f"| **mean** | {fmt(m['clip'])} | {fmt(m['cupl'])} | {fmt(m['protext'])} |")
+        lines.append(f"| paper mean (11 datasets) | {fmt(pm['clip'])} | {fmt(pm['cupl'])} | {fmt(pm['protext'])} |")
+    else:
+        heads = [h for h in ("clip", "clip80", "cupl", "protext") if any(h in r for r in result["rows"])]
+        paper_col = {"cross-dataset": result["paper"].get("protext", {}),
+                     "domain-generalization": result["paper"].get("rows", {}).get("protext", {}),
+                     "text-only": {"imagenet": result["paper"].get("imagenet", {}).get("protext")}}[p]
+        lines += ["| dataset | images | " + " | ".join(heads) + " | paper ProText |", "|---" * (len(heads) + 3) + "|"]
+        for r in result["rows"]:
+            ref = paper_col.get(r["dataset"])
+            lines.append(f"| {r['dataset']} | {r['images']} | " + " | ".join(f"{r[h]:.2f}" for h in heads)
+                         + f" | {ref if ref is not None else '–'} |")
+        mean = result.get("mean_of_targets") or result.get("mean")
+        paper_mean = result["paper"].get("mean", {})
+        lines.append("| **mean** | | " + " | ".join(f"{mean[h]:.2f}" for h in heads) + f" | {paper_mean.get('protext', '–')} |")
+    if result["missing"]:
+        lines += ["", "Not run:"] + [f"- {k}: {v}" for k, v in result["missing"].items()]
+    skipped = sum(r.get("skipped", 0) for r in result["rows"])
+    lines += ["", f"Unreadable images skipped: {skipped} (listed in the JSON file)."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> Path | None:
+    """A bar chart per dataset and head; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["rows"]
+    if not rows:
+        return None
+    heads = [h for h in ("clip", "clip80", "cupl", "protext") if h in rows[0]]
+    pick = (lambda r, h: r[h][2]) if result["protocol"] == "base2novel" else (lambda r, h: r[h])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
+    width = 0.8 / len(heads)
+    for k, h in enumerate(heads):
+        ax.bar([i + k * width for i in range(len(rows))], [pick(r, h) for r in rows], width, label=h)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["dataset"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("HM (%)" if result["protocol"] == "base2novel" else "top-1 accuracy (%)")
+    ax.set_title(f"protext {result['protocol']}")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    name = result["protocol"]
+    atomic_write_json(out / f"{name}.json", result)
+    atomic_write_bytes(out / f"{name}.md", markdown(result).encode())
+    files = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
+    png = chart(result, out / f"{name}.png")
+    if png:
+        files["png"] = png
+    return files

@@ -1,0 +1,92 @@
+"""Image features, computed once per (backbone, dataset) and reused by every head and run.
+
+Decoding and preprocessing run in a thread pool (PIL releases the GIL) while the main
+thread runs the image tower, so the CPU or GPU is kept busy. Each finished chunk is
+stored atomically before the next starts: an interrupted extraction resumes where it
+stopped. Unreadable files (corrupt, truncated, missing) are skipped, counted and listed.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone
+from .cache import FeatureStore, default_cache_dir, sha1
+from .datasets import Dataset
+from .errors import ProtextError
+from .images import open_image, preprocess
+
+
+@dataclass
+class Features:
+    """L2-normalised image features with their labels; `skipped` lists (path, reason)."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def image_key(path: Path) -> str:
+    """Changes when the file does: path, size and modification time."""
+    try:
+        st = path.stat()
+        return sha1(str(path.resolve()), str(st.st_size), str(st.st_mtime_ns))
+    except OSError:
+        return sha1(str(path), "missing")
+
+
+def image_store(backbone: Backbone, dataset: str, cache_dir: Path | None = None) -> FeatureStore:
+    key = sha1(backbone.name, str(backbone.revision), backbone.fingerprint())[:12]
+    return FeatureStore(Path(cache_dir or default_cache_dir()) / "image" / key / dataset)
+
+
+def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None, batch_size: int = 64,
+            workers: int | None = None, chunk: int = 512, show_progress: bool = True) -> Features:
+    """Features of every readable image of `dataset`, from the cache where possible."""
+    from tqdm.auto import tqdm
+
+    tower = backbone.image
+    if tower is None:
+        raise ProtextError(f"backbone '{backbone.name}' has no image tower")
+    store = image_store(backbone, f"{dataset.name}-{dataset.split}", cache_dir)
+    paths = [p for p, _ in dataset.samples]
+    keys = [image_key(p) for p in paths]
+    todo = store.missing(keys)
+    skipped: dict[int, str] = {}
+
+    def decode(i: int) -> torch.Tensor | str:
+        try:
+            return preprocess(open_image(paths[i]), tower.image_size, tower.mean, tower.std)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+            return f"{e.__class__.__name__}: {e}"
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=f"image features {dataset.name}",
+                                                   unit="img", disable=not show_progress or not todo) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            good, feats, pixels = [], [], []
+            for i, result in zip(part, pool.map(decode, part)):
+                if isinstance(result, str):
+                    skipped[i] = result
+                else:
+                    good.append(i)
+                    pixels.append(result)
+                if len(pixels) == batch_size:
+                    feats.append(tower(torch.stack(pixels).to(backbone.device)).cpu())
+                    pixels = []
+                bar.update(1)
+            if pixels:
+                feats.append(tower(torch.stack(pixels).to(backbone.device)).cpu())
+            if good:
+                store.put([keys[i] for i in good], torch.cat(feats))
+    kept = [i for i in range(len(paths)) if keys[i] in store]
+    labels = torch.tensor([dataset.samples[i][1] for i in kept], dtype=torch.long)
+    return Features(store.stack([keys[i] for i in kept]), labels, [str(paths[i]) for i in kept],
+                    [(str(paths[i]), reason) for i, reason in sorted(skipped.items())])

@@ -1,0 +1,67 @@
+"""Prompt templates as data: CLIP's 80 ImageNet templates and the per-dataset ones.
+
+`{}` is the class name. Dataset keys are protext's dataset names (see datasets.py).
+"""
+
+# The 80 templates of CLIP's ImageNet prompt ensemble ("CLIP-80").
+IMAGENET_80 = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
+    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+]
+
+# The single template of the CLIP baseline, per dataset.
+CLIP_TEMPLATES = {
+    "imagenet": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "stanford_cars": "a photo of a {}.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "food101": "a photo of {}, a type of food.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "sun397": "a photo of a {}.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "ucf101": "a photo of a person doing {}.",
+}
+
+# ProText's inference templates (cross-dataset setting); "a photo of a" is where the
+# learned context goes.
+PROTEXT_TEMPLATES = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "a photo of a {}, a type of a texture.",
+    "eurosat": "a photo of a centered satellite photo of {}.",
+    "food101": "a photo of a {}, a type of food.",
+}
+
+
+def clip_template(dataset: str | None) -> str:
+    return CLIP_TEMPLATES.get(_family(dataset), "a photo of a {}.")
+
+
+def protext_template(dataset: str | None) -> str:
+    return PROTEXT_TEMPLATES.get(_family(dataset), "a photo of a {}.")
+
+
+def _family(dataset: str | None) -> str:
+    """ImageNet variants use ImageNet's templates."""
+    return "imagenet" if dataset and dataset.startswith("imagenet") else (dataset or "")

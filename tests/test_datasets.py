@@ -1,0 +1,119 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED
+from protext.datasets import SPLIT_DATASETS, base_novel, csv_dataset, image_folder, load_dataset
+from protext.errors import ProtextError
+
+SPLIT_FILES = {"caltech101": "Caltech101", "dtd": "DescribableTextures", "eurosat": "EuroSAT",
+               "oxford_flowers": "OxfordFlowers", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
+               "ucf101": "UCF101"}
+
+
+def tiny_image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 6, 3), 120, np.uint8)).save(path)
+
+
+def make_coop_tree(root, name, per_class=2):
+    """A CoOp folder for `name`: its real split file cut to `per_class` items per class and split,
+    with tiny images at exactly the listed paths."""
+    folder, image_dir, split_file = SPLIT_DATASETS[name]
+    raw = json.loads((SHARED / "splits" / f"split_zhou_{SPLIT_FILES[name]}.json").read_text())
+    cut = {}
+    for split, items in raw.items():
+        seen = {}
+        cut[split] = [it for it in items if seen.setdefault(it[1], []).append(it) or len(seen[it[1]]) <= per_class]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / folder / split_file).write_text(json.dumps(cut))
+    for items in cut.values():
+        for rel, _, _ in items:
+            tiny_image(root / folder / image_dir / rel)
+    return raw, cut
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_FILES))
+def test_coop_split_layouts(tmp_path, shared, name):
+    raw, cut = make_coop_tree(tmp_path, name)
+    ds = load_dataset(name, tmp_path, "test")
+    names = {}
+    for _, label, cname in raw["test"]:
+        names.setdefault(label, cname.replace("_", " "))
+    assert ds.classes == [" ".join(names[i].split()) for i in range(len(names))]
+    assert len(ds.samples) == len(cut["test"]) and all(p.exists() for p, _ in ds.samples)
+    assert load_dataset(name, tmp_path / SPLIT_DATASETS[name][0], "train").split == "train"  # the dataset folder itself
+    novel = base_novel(ds, "novel")
+    k = math.ceil(len(ds.classes) / 2)
+    assert novel.classes == ds.classes[k:] and {l for _, l in novel.samples} == set(range(len(ds.classes) - k))
+
+
+def test_base_novel_rule_on_odd_class_counts(tmp_path):
+    root = tmp_path / "f"
+    for c in "abcde":
+        tiny_image(root / c / "0.png")
+    ds = image_folder(root)
+    assert base_novel(ds, "base").classes == ["a", "b", "c"]
+    assert base_novel(ds, "novel").classes == ["d", "e"]
+    assert [l for _, l in base_novel(ds, "novel").samples] == [0, 1]
+
+
+def test_aircraft_and_imagenet_layouts(tmp_path):
+    air = tmp_path / "fgvc_aircraft"
+    (air).mkdir()
+    (air / "variants.txt").write_text("707-320\nA300B4\n")
+    (air / "images_variant_test.txt").write_text("0001 A300B4\n0002 707-320\n")
+    for i in ("0001", "0002"):
+        tiny_image(air / "images" / f"{i}.jpg")
+    ds = load_dataset("fgvc_aircraft", tmp_path)
+    assert ds.classes == ["707-320", "A300B4"] and [l for _, l in ds.samples] == [1, 0]
+
+    names = {"n01": "tench", "n02": "goldfish", "n03": "great white shark"}
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in names.items()))
+    for w in names:
+        tiny_image(tmp_path / "imagenet" / "images" / "val" / w / "a.JPEG")
+    assert load_dataset("imagenet", tmp_path).classes == ["tench", "goldfish", "great white shark"]
+    for w in ("n01", "n03"):  # -A and -R hold a subset of the classes
+        tiny_image(tmp_path / "imagenet-adversarial" / "imagenet-a" / w / "x.jpg")
+    a = load_dataset("imagenet_a", tmp_path)
+    assert a.classes == ["tench", "great white shark"] and [l for _, l in a.samples] == [0, 1]
+    tiny_image(tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / "2" / "x.jpeg")
+    v2 = load_dataset("imagenetv2", tmp_path)
+    assert len(v2.classes) == 3 and v2.samples[0][1] == 2
+
+
+def test_missing_and_malformed_datasets_say_what_was_expected_where(tmp_path):
+    with pytest.raises(ProtextError, match=r"dtd/split_zhou_DescribableTextures\.json.*CoOp layout"):
+        load_dataset("dtd", tmp_path)
+    (tmp_path / "dtd").mkdir()
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"test": [["a.jpg", "x", "banded"]]}')
+    with pytest.raises(ProtextError, match=r"item 0 should be \[relative path, label, class name\]"):
+        load_dataset("dtd", tmp_path)
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"test": [["a.jpg", 0, "banded"]]}')
+    with pytest.raises(ProtextError, match="none of the first listed images exist.*dtd/images"):
+        load_dataset("dtd", tmp_path)
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"train": []}')
+    with pytest.raises(ProtextError, match="'test' list"):
+        load_dataset("dtd", tmp_path)
+    with pytest.raises(ProtextError, match="classnames.txt"):
+        (tmp_path / "imagenet-sketch" / "images").mkdir(parents=True)
+        load_dataset("imagenet_sketch", tmp_path)
+    with pytest.raises(ProtextError, match="unknown dataset"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_image_folder_and_csv_on_real_images(tmp_path, shared):
+    cifar = image_folder(SHARED / "images" / "cifar10_test_sample")
+    assert cifar.classes[:3] == ["airplane", "automobile", "bird"] and len(cifar.samples) == 100
+    rows = ["path,label"] + [f"{p},{p.name.split('_', 1)[1].rsplit('.', 1)[0]}"
+                             for p in sorted((SHARED / "images" / "imagenet_sample").iterdir())]
+    (tmp_path / "in.csv").write_text("\n".join(rows))
+    ds = csv_dataset(tmp_path / "in.csv")
+    assert len(ds.samples) == 100 and ds.classes[0] == "tench" and "water ouzel" in ds.classes
+    (tmp_path / "bad.csv").write_text("a.jpg,cat,extra\n")
+    with pytest.raises(ProtextError, match="bad.csv, line 1"):
+        csv_dataset(tmp_path / "bad.csv")

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CUPL, SHARED
+from protext.cli import main
+from protext.errors import ProtextError
+from protext.images import open_image, preprocess
+from protext.model import ProText
+from protext.templates import IMAGENET_80
+from protext.zeroshot import Heads, ProTextClassifier
+
+CLASSES = ["airplane", "cat", "frog"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    pt = ProText.create(tiny, depth=2, seed=2)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    return pt
+
+
+def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
+    descs = {"cat": ["A cat is small.", "Cats purr."], "airplane": ["An airplane has wings."]}
+    heads = Heads(tiny, prompts, descs, tmp_path)
+    enc = tiny.text.encode
+    clip = heads.get("clip", CLASSES, "oxford_pets")
+    assert torch.allclose(clip, enc([f"a photo of a {c}, a type of pet." for c in CLASSES]), atol=1e-6)
+    want80 = torch.stack([F.normalize(enc([t.format(c) for t in IMAGENET_80]).mean(0), dim=-1) for c in CLASSES])
+    assert torch.allclose(heads.get("clip80", CLASSES), want80, atol=1e-5)
+    cupl = heads.get("cupl", CLASSES)
+    assert torch.allclose(cupl[1], F.normalize(enc(descs["cat"]).mean(0), dim=-1), atol=1e-6)
+    assert torch.allclose(cupl[0], enc(descs["airplane"])[0], atol=1e-6)
+    assert torch.allclose(cupl[2], heads.get("clip", CLASSES)[2], atol=1e-6)  # no descriptions: falls back
+    assert heads.fallbacks[(tuple(CLASSES), None)] == ["frog"]
+    pro = heads.get("protext", CLASSES)
+    assert torch.allclose(pro, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
+    both = heads.get("protext+cupl", CLASSES)
+    assert torch.allclose(both, F.normalize(pro + cupl, dim=-1), atol=1e-6)
+    assert heads.get("protext", CLASSES) is pro  # computed once per label set
+    assert torch.allclose(torch.linalg.norm(both, dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ProtextError, match="unknown head"):
+        heads.get("waffle", CLASSES)
+    with pytest.raises(ProtextError, match="needs learned prompts"):
+        Heads(tiny).get("protext", CLASSES)
+
+
+def test_classifier_accepts_paths_pil_and_tensors(tiny, prompts, shared):
+    files = sorted((SHARED / "images" / "cifar10_test_sample" / "cat").iterdir())[:3]
+    clf = ProTextClassifier(tiny, CLASSES, prompts=prompts)
+    by_path = clf.predict(files)
+    by_pil = clf.predict([open_image(f) for f in files])
+    tower = tiny.image
+    by_tensor = clf.predict(torch.stack([preprocess(open_image(f), tower.image_size, tower.mean, tower.std) for f in files]))
+    assert by_path.probs.shape == (3, 3)
+    assert torch.allclose(by_path.probs, by_pil.probs) and torch.allclose(by_path.probs, by_tensor.probs, atol=1e-6)
+    assert torch.allclose(by_path.probs.sum(1), torch.ones(3))
+    assert by_path.labels == [CLASSES[i] for i in by_path.probs.argmax(1).tolist()]
+    assert by_path.top(2)[0][0][0] == by_path.labels[0]
+    clf.set_classes(["dog", "ship"])
+    assert clf.predict(files[0]).probs.shape == (1, 2)
+    with pytest.raises(ProtextError, match="repeat"):
+        clf.set_classes(["Dog", "dog"])
+
+
+def test_predict_command(tiny_folder, tmp_path, capsys, shared):
+    from protext.backbone import load_backbone
+
+    ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2).save_pretrained(tmp_path / "p")
+    files = [str(f) for f in sorted((SHARED / "images" / "cifar10_test_sample" / "frog").iterdir())[:2]]
+    code = main(["predict", "--prompts", str(tmp_path / "p"), "--classes", "frog,ship,truck", "--top-k", "2",
+                 *files, str(tmp_path / "missing.jpg"), "--cache-dir", str(tmp_path / "c")])
+    out = capsys.readouterr()
+    lines = [json.loads(l) for l in out.out.splitlines()]
+    assert code == 0 and len(lines) == 2 and lines[0]["image"] == files[0]
+    assert lines[0]["label"] in {"frog", "ship", "truck"} and len(lines[0]["top"]) == 2
+    assert "skipped" in out.err and "missing.jpg" in out.err
