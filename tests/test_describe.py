@@ -131,3 +131,20 @@ def test_describe_command_reports_usage(tmp_path, capsys):
 def test_unknown_kind_is_rejected():
     with pytest.raises(SystemExit):
         main(["describe", "--classes", "pug", "--dataset-kind", "nope", "--out", "x.json"])
+
+
+def test_local_transformers_model_as_describer(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from protext.describe import LocalGenerator
+    from protext.tiny import clip_tokenizer
+
+    tok = clip_tokenizer(["a", "cat", "is", "the", "photo", "describe"])
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    gen = LocalGenerator(str(tmp_path / "lm"), max_new_tokens=8)
+    answer = gen("Describe what a cat looks like.")
+    assert isinstance(answer, str)
+    assert gen.usage.requests == 1 and 1 <= gen.usage.completion_tokens <= 8 and gen.usage.prompt_tokens > 5

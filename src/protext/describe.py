@@ -163,7 +163,11 @@ class LocalGenerator:
     def __call__(self, question: str) -> str:
         import torch
 
-        ids = self.tokenizer(question, return_tensors="pt").to(self.model.device)
+        prompt = question
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                        add_generation_prompt=True)
+        ids = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
         with self.lock, torch.no_grad():
             out = self.model.generate(**ids, do_sample=True, max_new_tokens=self.max_new_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)

@@ -62,8 +62,8 @@ def clip_tokenizer(words: Iterable[str] = TEMPLATE_WORDS, max_vocab: int | None 
 
 
 def clip_config(width: int = 32, layers: int = 2, heads: int = 2, vocab_size: int = 49408, context: int = 77,
-                vision_width: int = 32, vision_layers: int = 2, image_size: int = 32, patch: int = 8,
-                projection: int = 24):
+                vision_width: int = 32, vision_layers: int = 2, vision_heads: int | None = None, image_size: int = 32,
+                patch: int = 8, projection: int = 24):
     from transformers import CLIPConfig
 
     return CLIPConfig(
@@ -71,7 +71,7 @@ def clip_config(width: int = 32, layers: int = 2, heads: int = 2, vocab_size: in
                          num_attention_heads=heads, vocab_size=vocab_size, max_position_embeddings=context,
                          eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1),
         vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch),
+                           num_attention_heads=vision_heads or heads, image_size=image_size, patch_size=patch),
         projection_dim=projection,
     )
 

@@ -1,0 +1,123 @@
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CUPL, SHARED
+from protext import benchmark as bm
+from protext.cli import main
+from protext.datasets import image_folder
+from protext.features import extract
+from protext.model import ProText
+from test_datasets import make_coop_tree
+
+
+def test_features_are_cached_and_an_interrupted_extraction_resumes(tiny, tmp_path, shared, monkeypatch):
+    ds = image_folder(SHARED / "images" / "cifar10_test_sample")
+    calls = []
+    real = type(tiny.image).__call__
+
+    def flaky(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third batch
+        return real(self, pixels)
+
+    monkeypatch.setattr(type(tiny.image), "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tiny, ds, tmp_path, batch_size=8, chunk=16, show_progress=False)
+    assert sum(calls[:2]) == 16  # the first chunk was stored before the kill
+    calls.clear()
+    monkeypatch.setattr(type(tiny.image), "__call__", lambda self, p: calls.append(len(p)) or real(self, p))
+    resumed = extract(tiny, ds, tmp_path, batch_size=8, chunk=16, show_progress=False)
+    assert sum(calls) == 100 - 16
+    calls.clear()
+    again = extract(tiny, ds, tmp_path, batch_size=8, chunk=16, show_progress=False)
+    assert calls == [] and torch.equal(again.feats, resumed.feats)
+    fresh = extract(tiny, ds, tmp_path / "other", batch_size=100, show_progress=False)
+    assert torch.allclose(fresh.feats, resumed.feats, atol=1e-5)
+    assert resumed.labels.tolist() == [l for _, l in ds.samples]
+
+
+def test_eval_command_on_real_cifar_images(tiny_folder, tmp_path, capsys, shared):
+    from protext.backbone import load_backbone
+
+    ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2).save_pretrained(tmp_path / "p")
+    code = main(["eval", "--dataset", "folder", "--data-root", str(SHARED / "images" / "cifar10_test_sample"),
+                 "--prompts", str(tmp_path / "p"), "--descriptions", str(CUPL / "cifar10_prompts_full.json"),
+                 "--heads", "clip,clip80,cupl,protext,protext+cupl", "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "row.json"), "--no-progress"])
+    row = json.loads(capsys.readouterr().out)
+    assert code == 0 and row["images"] == 100 and row["classes"] == 10 and row["skipped"] == 0
+    assert all(0 <= row[h] <= 100 for h in ("clip", "clip80", "cupl", "protext", "protext+cupl"))
+    assert json.loads((tmp_path / "row.json").read_text())["protext"] == row["protext"]
+
+
+def test_accuracy_counts_correct_predictions():
+    from protext.features import Features
+
+    f = Features(torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 1, 0]), ["a", "b", "c", "d"])
+    assert bm.accuracy(f, torch.eye(3)) == 75.0
+
+
+@pytest.fixture()
+def coop_root(tmp_path, shared):
+    root = tmp_path / "data"
+    for name in ("eurosat", "dtd"):
+        make_coop_tree(root, name, per_class=1)
+    descs = tmp_path / "descs"
+    descs.mkdir()
+    shutil.copy(CUPL / "eurosat_prompts_full.json", descs / "eurosat.json")
+    shutil.copy(CUPL / "texture_prompts_full.json", descs / "dtd.json")
+    return root, descs
+
+
+def test_base2novel_and_text_only_protocols_end_to_end(tiny_folder, tmp_path, coop_root):
+    root, descs = coop_root
+    out = tmp_path / "out"
+    args = ["--data-root", str(root), "--descriptions-dir", str(descs), "--datasets", "eurosat,dtd,ucf101",
+            "--backbone", str(tiny_folder), "--depth", "2", "--epochs", "2", "--warmup-epochs", "1",
+            "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--no-progress"]
+    assert main(["benchmark", "base2novel", *args]) == 0
+    result = json.loads((out / "base2novel.json").read_text())
+    assert [r["dataset"] for r in result["rows"]] == ["eurosat", "dtd"]
+    assert "ucf101" in result["missing"] and "split_zhou_UCF101.json" in result["missing"]["ucf101"]
+    for r in result["rows"]:
+        b, n, hm = r["protext"]
+        assert hm == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+        assert r["cupl"][1] == r["clip"][1]  # novel classes have no descriptions: CuPL = CLIP
+    assert (out / "prompts" / "eurosat" / "prompts.safetensors").is_file()
+    md = (out / "base2novel.md").read_text()
+    assert "paper mean" in md and "72.95 / 76.98 / 74.91" in md and "ucf101" in md
+    with Image.open(out / "base2novel.png") as png:
+        assert png.size[0] > 300
+    assert main(["benchmark", "text-only", *args]) == 0
+    text_only = json.loads((out / "text-only.json").read_text())
+    assert {"clip", "clip80", "cupl", "protext"} <= set(text_only["rows"][0])
+
+
+def test_cross_dataset_and_domain_generalization_protocols(tiny_folder, tmp_path, coop_root):
+    root, _ = coop_root
+    from protext.backbone import load_backbone
+    from protext.descriptions import load_descriptions
+    from protext.train import TrainConfig, train
+
+    backbone = load_backbone(str(tiny_folder), device="cpu")
+    prompts, _ = train(backbone, load_descriptions(CUPL / "cifar10_prompts_full.json"),
+                       TrainConfig(depth=2, epochs=1, warmup_epochs=0), tmp_path / "p", tmp_path / "c",
+                       show_progress=False, source=str(CUPL / "cifar10_prompts_full.json"))
+    result = bm.cross_dataset(backbone, prompts, root, tmp_path / "c", show_progress=False)
+    assert [r["dataset"] for r in result["rows"]] == ["dtd", "eurosat"]
+    assert set(result["missing"]) == {"imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
+                                      "food101", "fgvc_aircraft", "sun397", "ucf101"}
+    assert result["mean_of_targets"]["protext"] == pytest.approx(
+        (result["rows"][0]["protext"] + result["rows"][1]["protext"]) / 2)
+    files = bm.write_report(result, tmp_path / "r")
+    assert set(files) == {"json", "markdown", "png"}
+    assert "| dtd |" in files["markdown"].read_text() and "47.93" in files["markdown"].read_text()
+    dg = bm.domain_generalization(backbone, prompts, root, tmp_path / "c", show_progress=False)
+    assert dg["rows"] == [] and set(dg["missing"]) == {"imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+    assert main(["benchmark", "domain-generalization", "--data-root", str(root), "--prompts", str(tmp_path / "p"),
+                 "--backbone", str(tiny_folder), "--out", str(tmp_path / "dg"), "--no-progress"]) == 2
