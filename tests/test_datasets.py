@@ -117,3 +117,28 @@ def test_image_folder_and_csv_on_real_images(tmp_path, shared):
     (tmp_path / "bad.csv").write_text("a.jpg,cat,extra\n")
     with pytest.raises(ProtextError, match="bad.csv, line 1"):
         csv_dataset(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("name", ["food101", "sun397"])
+def test_split_layouts_without_shared_split_files(tmp_path, name):
+    folder, image_dir, split_file = SPLIT_DATASETS[name]
+    items = [["a/1.jpg", 0, "apple_pie"], ["b/2.jpg", 1, "baby_back_ribs"], ["a/3.jpg", 0, "apple_pie"]]
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / split_file).write_text(json.dumps({"train": items, "val": items, "test": items}))
+    for rel, _, _ in items:
+        tiny_image(tmp_path / folder / image_dir / rel)
+    ds = load_dataset(name, tmp_path)
+    assert ds.classes == ["apple pie", "baby back ribs"] and [l for _, l in ds.samples] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("name, folder, image_dir", [("imagenet_sketch", "imagenet-sketch", "images"),
+                                                     ("imagenet_r", "imagenet-rendition", "imagenet-r")])
+def test_sketch_and_rendition_layouts(tmp_path, name, folder, image_dir):
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("n01 tench\nn02 goldfish\nn03 shark\n")
+    tiny_image(tmp_path / folder / image_dir / "n03" / "a.jpg")
+    tiny_image(tmp_path / folder / image_dir / "n01" / "b.jpg")
+    ds = load_dataset(name, tmp_path)
+    if name == "imagenet_r":
+        assert ds.classes == ["tench", "shark"]
+    assert sorted(l for _, l in ds.samples) == sorted({ds.classes.index("tench"), ds.classes.index("shark")})

@@ -69,3 +69,34 @@ def test_context_initialisation_rules(tiny):
         ProText.create(tiny, n_ctx=3, depth=1, init="a photo of a")
     with pytest.raises(ProtextError, match="depth"):
         ProText.create(tiny, n_ctx=4, depth=3 + tiny.text.num_layers)
+
+
+def test_push_to_hub_uploads_only_the_prompt_files(tiny, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = ProText.create(tiny, depth=2).push_to_hub("me/my-prompts", token="hf_x")
+    assert url == "https://huggingface.co/me/my-prompts"
+    assert calls == {"token": "hf_x", "repo": ("me/my-prompts", False, True), "files": [PROMPTS_FILE, CONFIG_FILE]}
+
+
+def test_hub_id_that_cannot_be_reached_gives_an_actionable_error(tiny, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ProtextError, match="could not download prompts 'someone/prompts'.*pass its path"):
+        ProText.from_pretrained("someone/prompts", backbone=tiny)

@@ -82,7 +82,7 @@ def _hub_error(name: str, revision: str | None, err: Exception) -> ProtextError:
     return ProtextError(
         f"could not load backbone '{name}'{rev}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
         f"If this machine is offline, download the model where there is internet, e.g.\n"
-        f"  huggingface-cli download {name} --local-dir ./{Path(name).name}\n"
+        f"  hf download {name} --local-dir ./{Path(name).name}   (huggingface_hub's CLI)\n"
         f"copy that folder here and pass its path as --backbone, or point HF_HOME at a cache that holds it."
     )
 

@@ -47,7 +47,6 @@ def _train_parser(sub) -> None:
                    help="description JSON file, or a public set name such as cupl:imagenet (default: %(default)s)")
     p.add_argument("--classes", default=None, help="train on these classes only: a file (one per line) or a,b,c")
     p.add_argument("--preset", default="cross-dataset", choices=sorted(PRESETS), help="the paper's settings (default: %(default)s)")
-    p.add_argument("--config", type=Path, default=None, help="JSON or TOML file of settings, applied over the preset")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: prompts/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the prompts to this Hub repo")
@@ -61,6 +60,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
     group = p.add_argument_group("training settings (override the preset and --config)")
+    group.add_argument("--config", type=Path, default=None, help="JSON or TOML file of settings, applied over the preset")
     for f in fields(TrainConfig):
         kind = str if f.name in ("init", "template", "loss", "precision") else type(f.default)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, help=TRAIN_HELP[f.name])
@@ -106,7 +106,6 @@ def _eval_text_parser(sub) -> None:
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the hold-out split (default: %(default)s)")
     p.add_argument("--mask-word", default="thing", help="word that replaces the class name (default: %(default)s)")
     p.add_argument("--eval-template", default="a photo of a {}.", help="template of the template and ProText heads")
-    p.add_argument("--config", type=Path, default=None, help="JSON or TOML settings over the presets")
     p.add_argument("--out", type=Path, default=Path("eval-text"), help="folder for eval_text.json and eval_text.md")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
@@ -344,7 +343,6 @@ def _benchmark_parser(sub) -> None:
     p.add_argument("--descriptions-dir", type=Path, default=None, help="<dataset>.json description files "
                                                                        "(default: the public CuPL sets)")
     p.add_argument("--datasets", default=None, help="comma-separated subset of datasets to run")
-    p.add_argument("--config", type=Path, default=None, help="JSON or TOML settings over the preset")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)

@@ -99,8 +99,10 @@ class TextTower(nn.Module):
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def attention_mask(self, tokens: Tokens, length: int) -> torch.Tensor:
+    def attention_mask(self, tokens: Tokens, length: int) -> torch.Tensor | None:
         raise NotImplementedError
+
+    block_kwargs: dict = {}
 
     def pool(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         raise NotImplementedError
@@ -119,7 +121,7 @@ class TextTower(nn.Module):
         for i, block in enumerate(self.blocks):
             if 1 <= i < depth:
                 x = _replace(x, prompts[i], n)
-            x = block(x, attention_mask=mask)
+            x = block(x, attention_mask=mask, **self.block_kwargs)
         return F.normalize(self.pool(x, tokens).float(), dim=-1)
 
     @torch.no_grad()
@@ -153,6 +155,7 @@ class ClipText(TextTower):
         self.position_embedding = emb.position_embedding
         self.final_layer_norm = text_model.final_layer_norm
         self.projection = projection
+        text_model.config._attn_implementation = "sdpa"  # the causal flag below is an SDPA argument
         self.requires_grad_(False)
 
     @property
@@ -162,8 +165,11 @@ class ClipText(TextTower):
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.position_embedding.weight[: x.shape[1]]
 
-    def attention_mask(self, tokens: Tokens, length: int) -> torch.Tensor:
-        return torch.ones(length, length, dtype=torch.bool, device=tokens.ids.device).tril()[None, None]
+    # No mask tensor: SDPA's own causal flag selects its fused kernels.
+    block_kwargs = {"is_causal": True}
+
+    def attention_mask(self, tokens: Tokens, length: int) -> None:
+        return None
 
     def pool(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         eot = x[torch.arange(x.shape[0], device=x.device), tokens.lengths - 1]
@@ -182,6 +188,7 @@ class BertText(TextTower):
         self.position_embeddings = emb.position_embeddings
         self.token_type_embeddings = emb.token_type_embeddings
         self.embedding_norm = emb.LayerNorm
+        bert_model.config._attn_implementation = "sdpa"  # boolean key-padding masks are an SDPA input
         self.requires_grad_(False)
 
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
