@@ -56,16 +56,18 @@ def main() -> None:
         tower = backbone.image
         pixels = [preprocess(open_image(p), tower.image_size, tower.mean, tower.std) for p, _ in samples]
 
-        with torch.no_grad():
-            tower(torch.stack(pixels[:2]))  # warm-up
-        t0 = time.perf_counter()
-        for i in range(0, len(pixels), args.batch_size):
-            tower(torch.stack(pixels[i : i + args.batch_size]))
-        bare = len(pixels) / (time.perf_counter() - t0)
+        def bare_forward() -> float:
+            t0 = time.perf_counter()
+            for i in range(0, len(pixels), args.batch_size):
+                tower(torch.stack(pixels[i : i + args.batch_size]))
+            return len(pixels) / (time.perf_counter() - t0)
 
+        tower(torch.stack(pixels[: args.batch_size]))  # warm-up
+        before = bare_forward()
         t0 = time.perf_counter()
         feats = extract(backbone, dataset, Path(tmp) / "cache", batch_size=args.batch_size, show_progress=False)
         cached = len(feats.labels) / (time.perf_counter() - t0)
+        bare = max(before, bare_forward())  # the faster of a run before and one after: a conservative ratio
 
         t0 = time.perf_counter()
         again = extract(backbone, dataset, Path(tmp) / "cache", batch_size=args.batch_size, show_progress=False)
@@ -86,7 +88,7 @@ def main() -> None:
           f"ViT-B/16-shaped random CLIP")
     print("| path | images/s |")
     print("|---|---|")
-    print(f"| bare forward on decoded tensors | {bare:.2f} |")
+    print(f"| bare forward on decoded tensors (faster of two runs) | {bare:.2f} |")
     print(f"| cache path (decode + preprocess + forward + store) | {cached:.2f} |")
     print(f"second run, all features from the cache: {reread:.3f} s for {len(again.labels)} images")
     print(f"new head for 100 classes: built in {build:.2f} s; scoring 10,000 cached features: {score * 1000:.1f} ms "
