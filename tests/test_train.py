@@ -86,6 +86,8 @@ def test_training_lowers_loss_and_refuses_to_overwrite(tiny, eurosat, tmp_path):
                            on_epoch=lambda e, l: losses.append(l))
     assert losses[-1] < 0.6 * losses[0]
     assert summary["trainable_parameters"] == 2 * 4 * 32
+    _, again = train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", resume=True, show_progress=False)
+    assert again["resumed_from_epoch"] == 6 and again["final_epoch_loss"] == summary["final_epoch_loss"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint.safetensors", "prompts.safetensors", "protext_config.json", "train_log.jsonl"]
     with pytest.raises(ProtextError, match="--resume"):

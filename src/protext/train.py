@@ -181,9 +181,9 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     class_tokens = model.class_token_lists(classes)
     opt = torch.optim.AdamW([model.prompts], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     autocast, scaler = _autocast(cfg, device)
-    start_epoch = 0
+    start_epoch, epoch_loss = 0, float("nan")
     if resume and ckpt_path.exists():
-        start_epoch = _load_checkpoint(ckpt_path, model, opt, scaler, cfg, data_hash)
+        start_epoch, epoch_loss = _load_checkpoint(ckpt_path, model, opt, scaler, cfg, data_hash)
 
     n_pairs = len(cls_idx)
     steps_per_epoch = math.ceil(n_pairs / cfg.batch_size)
@@ -191,7 +191,6 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=steps_per_epoch * start_epoch, desc="training",
                unit="step", disable=not show_progress)
-    epoch_loss = float("nan")
     with bar, open(log_path, "a") as log:
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at(cfg, epoch)
@@ -221,7 +220,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
                                           "pairs_per_s": rate}) + "\n")
                     log.flush()
             epoch_loss = total / max(seen, 1)
-            _save_checkpoint(ckpt_path, model, opt, scaler, cfg, epoch + 1, data_hash)
+            _save_checkpoint(ckpt_path, model, opt, scaler, cfg, epoch + 1, data_hash, epoch_loss)
             log.write(json.dumps({"epoch": epoch + 1, "epoch_loss": epoch_loss, "lr": lr,
                                   "seconds": time.time() - t_epoch}) + "\n")
             log.flush()
@@ -239,13 +238,13 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
 
 
 def _save_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
-                     epochs_done: int, data_hash: str) -> None:
+                     epochs_done: int, data_hash: str, epoch_loss: float) -> None:
     tensors = {"prompts": model.prompts.detach()}
     state = opt.state.get(model.prompts, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
             tensors[key] = state[key]
-    meta = {"epochs_done": epochs_done, "config": asdict(cfg), "data_sha1": data_hash,
+    meta = {"epochs_done": epochs_done, "epoch_loss": epoch_loss, "config": asdict(cfg), "data_sha1": data_hash,
             "adam_step": float(state["step"]) if "step" in state else 0.0,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "backbone": model.config.backbone, "fingerprint": model.config.fingerprint}
@@ -253,7 +252,8 @@ def _save_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
 
 
 def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
-                     data_hash: str) -> int:
+                     data_hash: str) -> tuple[int, float]:
+    """Restore prompts and optimiser state; returns (epochs done, last epoch's mean loss)."""
     from safetensors import safe_open
 
     tensors = load_tensors(path)
@@ -278,4 +278,4 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
                                     "exp_avg": tensors["exp_avg"].to(dev), "exp_avg_sq": tensors["exp_avg_sq"].to(dev)}
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    return int(meta["epochs_done"])
+    return int(meta["epochs_done"]), float(meta["epoch_loss"])
