@@ -44,7 +44,8 @@ def main() -> None:
 
     from protext.backbone import load_backbone
     from protext.descriptions import load_descriptions
-    from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross, split_base_novel
+    from protext.datasets import split_base_novel
+    from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
     from protext.train import make_config
 
     t0 = time.time()

@@ -10,7 +10,7 @@ import pytest
 from chat_server import ChatServer
 from conftest import ROOT
 from protext.cli import main
-from protext.describe import QUESTIONS, ChatClient, Usage, clean_answer, clean_answers, describe, parse_retry_after
+from protext.describe import QUESTIONS, ChatClient, clean_answer, clean_answers, describe, parse_retry_after
 from protext.errors import ProtextError
 
 KINDS = {"objects", "scenes", "textures", "satellite", "actions", "food", "pets", "flowers", "aircraft", "cars"}

@@ -5,8 +5,10 @@ import torch
 
 from conftest import CUPL
 from protext.cli import main
-from protext.text_eval import (TextEvaluator, accuracy, ensemble, harmonic_mean, hold_out, make_queries,
-                               mask_class_name, split_base_novel)
+from protext.datasets import split_base_novel
+from protext.text_eval import TextEvaluator, hold_out, make_queries, mask_class_name
+from protext.zeroshot import ensemble, harmonic_mean
+from protext.zeroshot import top1 as accuracy
 from protext.train import TrainConfig
 
 

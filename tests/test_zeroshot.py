@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CUPL, SHARED
+from conftest import SHARED
 from protext.cli import main
 from protext.errors import ProtextError
 from protext.images import open_image, preprocess

@@ -13,7 +13,6 @@ what is new.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -29,16 +28,13 @@ from .features import Features, extract
 from .model import ProText
 from .sources import SOURCES, fetch
 from .train import TrainConfig, train
-from .zeroshot import Heads
+from .zeroshot import Heads, harmonic_mean, top1
 
 B2N_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
 
 
 def accuracy(features: Features, weights: torch.Tensor) -> float:
-    if len(features.labels) == 0:
-        return float("nan")
-    pred = (features.feats @ weights.T).argmax(1)
-    return 100.0 * (pred == features.labels).float().mean().item()
+    return top1(features.feats, features.labels, weights)
 
 
 def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence[str], cache_dir: Path | None = None,
@@ -130,7 +126,7 @@ def base_to_novel(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: T
         n = evaluate(backbone, novel, heads, ("clip", "cupl", "protext"), cache_dir, show_progress)
         row = {"dataset": name, "images": b["images"] + n["images"], "skipped": b["skipped"] + n["skipped"]}
         for h in ("clip", "cupl", "protext"):
-            row[h] = (b[h], n[h], _hm(b[h], n[h]))
+            row[h] = (b[h], n[h], harmonic_mean(b[h], n[h]))
         return row
 
     missing: dict[str, str] = {}
@@ -160,10 +156,6 @@ def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: Train
 def _mean(rows: Sequence[dict], key: str) -> float:
     vals = [r[key] for r in rows if key in r]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def _hm(b: float, n: float) -> float:
-    return 0.0 if b + n == 0 else 2 * b * n / (b + n)
 
 
 # -- reports ----------------------------------------------------------------------------

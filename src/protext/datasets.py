@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .errors import ProtextError
 from .images import list_images
@@ -232,15 +233,20 @@ def csv_dataset(path: Path, split: str = "test") -> Dataset:
     return Dataset(path.stem, split, list(classes), samples)
 
 
+def split_base_novel(classes: Sequence) -> tuple[list, list]:
+    """CoOp's rule: in label order, the first ceil(n/2) classes are base, the rest novel."""
+    k = math.ceil(len(classes) / 2)
+    return list(classes[:k]), list(classes[k:])
+
+
 def base_novel(dataset: Dataset, subset: str) -> Dataset:
-    """CoOp's rule: sorted labels, the first ceil(n/2) are base; the chosen half is relabelled 0..k-1."""
+    """The base or novel half of `dataset` (see `split_base_novel`), relabelled 0..k-1."""
     if subset == "all":
         return dataset
-    n = len(dataset.classes)
-    k = math.ceil(n / 2)
-    keep = range(0, k) if subset == "base" else range(k, n) if subset == "novel" else None
-    if keep is None:
+    if subset not in ("base", "novel"):
         raise ProtextError(f"subset must be all, base or novel, got {subset!r}")
+    base, novel = split_base_novel(range(len(dataset.classes)))
+    keep = base if subset == "base" else novel
     remap = {old: new for new, old in enumerate(keep)}
     samples = [(p, remap[label]) for p, label in dataset.samples if label in remap]
     return Dataset(dataset.name, dataset.split, [dataset.classes[i] for i in keep], samples)

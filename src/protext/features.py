@@ -19,7 +19,7 @@ from .backbone import Backbone
 from .cache import FeatureStore, default_cache_dir, sha1
 from .datasets import Dataset
 from .errors import ProtextError
-from .images import open_image, preprocess
+from .images import UNREADABLE, open_image, preprocess
 
 
 @dataclass
@@ -63,7 +63,7 @@ def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None,
     def decode(i: int) -> torch.Tensor | str:
         try:
             return preprocess(open_image(paths[i]), tower.image_size, tower.mean, tower.std)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+        except UNREADABLE as e:
             return f"{e.__class__.__name__}: {e}"
 
     workers = workers or min(8, os.cpu_count() or 1)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+# What PIL raises for missing, corrupt or truncated files: such images are skipped, not fatal.
+UNREADABLE = (OSError, ValueError, SyntaxError)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 

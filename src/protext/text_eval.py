@@ -15,7 +15,6 @@ scored by top-1 accuracy of cosine similarity, in the paper's two transfer setti
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from dataclasses import asdict, dataclass, replace
@@ -26,8 +25,10 @@ import torch
 
 from .backbone import Backbone
 from .cache import sha1
+from .datasets import split_base_novel
 from .model import ProText
 from .train import TrainConfig, encode_texts, train
+from .zeroshot import ensemble, harmonic_mean, top1
 
 STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
 
@@ -49,10 +50,6 @@ def mask_class_name(sentence: str, name: str, word: str = "thing") -> str:
     return re.sub(rf"\b{re.escape(word)}(?:[\s-]+{re.escape(word)}\b)+", word, out, flags=re.IGNORECASE)
 
 
-def split_base_novel(classes: Sequence[str]) -> tuple[list[str], list[str]]:
-    """CoOp's rule: in label order, the first ceil(n/2) classes are base, the rest novel."""
-    k = math.ceil(len(classes) / 2)
-    return list(classes[:k]), list(classes[k:])
 
 
 def hold_out(data: Mapping[str, Sequence[str]], fraction: float, seed: int) -> tuple[dict, dict]:
@@ -85,15 +82,8 @@ def make_queries(data: Mapping[str, Sequence[str]], classes: Sequence[str], mask
     return Queries(texts, torch.tensor(labels), originals)
 
 
-def accuracy(query_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor) -> float:
-    """Top-1 accuracy (%) of cosine similarity; both sides are already normalised."""
-    pred = (query_feats @ class_feats.T).argmax(1)
-    return 100.0 * (pred == labels).float().mean().item()
 
 
-def ensemble(features: torch.Tensor) -> torch.Tensor:
-    """CuPL's class embedding: the renormalised mean of normalised description features."""
-    return torch.nn.functional.normalize(features.mean(0), dim=-1)
 
 
 class TextEvaluator:
@@ -131,7 +121,7 @@ class TextEvaluator:
         }
         if train_data is not None:
             heads["ensemble"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
-        return {name: accuracy(q, queries.labels, w) for name, w in heads.items()}
+        return {name: top1(q, queries.labels, w) for name, w in heads.items()}
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1) -> dict:
         classes = list(data)
@@ -160,8 +150,6 @@ class TextEvaluator:
         return out
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
 def examples(q: Queries, classes: Sequence[str], k: int) -> list[dict]:

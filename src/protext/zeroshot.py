@@ -27,12 +27,28 @@ from PIL import Image
 from .backbone import Backbone, load_backbone
 from .descriptions import load_descriptions, normalize_name
 from .errors import ProtextError
-from .images import open_image, preprocess
+from .images import UNREADABLE, open_image, preprocess
 from .model import ProText
 from .templates import IMAGENET_80, clip_template, protext_template
 from .train import encode_texts
 
 HEADS = ("clip", "clip80", "cupl", "protext", "protext+cupl")
+
+
+def ensemble(features: torch.Tensor) -> torch.Tensor:
+    """CuPL's class embedding: the renormalised mean of normalised description features."""
+    return F.normalize(features.mean(0), dim=-1)
+
+
+def top1(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of cosine similarity; both sides are already normalised."""
+    if len(labels) == 0:
+        return float("nan")
+    return 100.0 * ((features @ weights.T).argmax(1) == labels).float().mean().item()
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
 class Heads:
@@ -80,7 +96,7 @@ class Heads:
             start = 0
             for c in have:
                 n = len(self.descriptions[normalize_name(c)])
-                rows[c] = F.normalize(feats[start : start + n].mean(0), dim=-1)
+                rows[c] = ensemble(feats[start : start + n])
                 start += n
         if missing:
             rows.update(zip(missing, self.get("clip", missing, dataset)))
@@ -151,7 +167,7 @@ class ProTextClassifier:
                 img = open_image(item) if isinstance(item, (str, Path)) else item
                 pixels.append(preprocess(img, tower.image_size, tower.mean, tower.std))
                 names.append(name)
-            except (OSError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 skipped.append((name, f"{e.__class__.__name__}: {e}"))
         feats = [tower(torch.stack(pixels[i : i + batch_size]).to(self.backbone.device)).cpu()
                  for i in range(0, len(pixels), batch_size)]
