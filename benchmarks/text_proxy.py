@@ -4,15 +4,20 @@ Backbone: sentence-transformers/all-MiniLM-L6-v2, shipped inside the `gt-all-min
 package (the only real pretrained text encoder reachable offline here). Data: every CuPL
 description set in ../shared/data/descriptions/cupl. Task: classify held-out descriptions
 whose class name is masked (see protext/text_eval.py), with three heads:
-template ("a photo of a {}."), the description ensemble, and ProText prompts.
+a single template, the description ensemble, and ProText prompts. The template and ProText
+heads read the same text, the inference template of ProText's code: "a photo of a {}." in
+base-to-novel, the target dataset's in cross-dataset ("a photo of a {}, a type of pet.");
+`--template` sets one for both protocols.
 
 - base-to-novel on each set: prompts trained on the base classes' training descriptions;
 - cross-dataset: prompts trained on the ImageNet descriptions, tested on every other set.
 
-Prints Markdown tables, the number of sets where ProText beats the template on novel
-classes, and the run time.
+Every number is the mean over `--seeds` runs (default 3, as the paper averages 3 seeds); a
+seed sets both the hold-out split and the training shuffle. Prints Markdown tables, the
+number of sets where ProText beats the template on novel classes, and the run time.
+Trained prompts are kept under --out/runs, so a rerun with the same settings reuses them.
 
-    python benchmarks/text_proxy.py [--depth 6] [--lr 0.03] [--steps 300] [--out bench-text-proxy]
+    python benchmarks/text_proxy.py [--seeds 1,2,3] [--depth 6] [--lr 0.03] [--steps 300] [--out bench-text-proxy]
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--cross-epochs", type=int, default=3)
     ap.add_argument("--holdout", type=float, default=0.2)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", default="1,2,3", help="comma-separated; results are averaged over them")
+    ap.add_argument("--template", default=None, help="one template for both heads and protocols")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-text-proxy")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -53,22 +59,31 @@ def main() -> None:
     sets = {p.stem.replace("_prompts_full", "").replace("_prompts_base", ""): load_descriptions(p)
             for p in sorted(CUPL.glob("*.json"))}
     cache = args.out / "cache"
-    common = dict(depth=args.depth, warmup_epochs=1, seed=args.seed, lr=args.lr)
-    base_to_novel = {}
-    for name, data in sets.items():
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs: dict[str, list[dict]] = {name: [] for name in sets}
+    epochs_of = {}
+    for seed in seeds:
+        common = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr)
+        for name, data in sets.items():
+            t = time.time()
+            base, _ = split_base_novel(list(data))
+            pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
+            epochs_of[name] = epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
+            b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
+                                args.template, show_progress=args.progress, work_dir=args.out / "runs")
+            runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
+            print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['template']:.1f} "
+                  f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
+    base_to_novel = {name: {**mean_of(rs, ("base", "novel", "hm")), "epochs": epochs_of[name]} for name, rs in runs.items()}
+    cross_runs = []
+    for seed in seeds:
         t = time.time()
-        base, _ = split_base_novel(list(data))
-        pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
-        epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
-        b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
-                            show_progress=args.progress, work_dir=args.out / "runs")
-        base_to_novel[name] = r = b2n.base_to_novel(data, args.holdout, args.seed)
-        r["epochs"] = epochs
-        print(f"{name}: {epochs} epochs, novel template {r['novel']['template']:.1f} protext {r['novel']['protext']:.1f} "
-              f"({time.time() - t:.0f} s)", flush=True)
-    cross = TextEvaluator(backbone, make_config("cross-dataset", overrides={**common, "epochs": args.cross_epochs}),
-                          cache, show_progress=args.progress, work_dir=args.out / "runs")
-    cross_res = cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"})
+        overrides = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr, epochs=args.cross_epochs)
+        cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), cache, args.template,
+                              show_progress=args.progress, work_dir=args.out / "runs")
+        cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
+        print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
+    cross_res = {name: mean_of([c[name] for c in cross_runs], ()) for name in cross_runs[0]}
     seconds = time.time() - t0
 
     others = [n for n in sets if n != "imagenet"]
@@ -78,7 +93,8 @@ def main() -> None:
     print()
     print(f"backbone: all-MiniLM-L6-v2 (pretrained), n_ctx 4, depth {args.depth}, lr {args.lr}, base2novel epochs "
           f"{', '.join(n + ' ' + str(r['epochs']) for n, r in base_to_novel.items())}; cross-dataset epochs {args.cross_epochs}; "
-          f"hold-out {args.holdout}, seed {args.seed}")
+          f"hold-out {args.holdout}, mean of seeds {args.seeds}; templates: "
+          f"{args.template or 'ProText inference templates (base2novel: a photo of a {}.; cross-dataset: per target)'}")
     print()
     print("## Base-to-novel (top-1 %: base / novel / HM)")
     print()
@@ -97,6 +113,22 @@ def main() -> None:
     print(f"run time: {seconds:.0f} s")
     (args.out / "text_proxy.json").write_text(json.dumps({"base2novel": base_to_novel, "cross_dataset": cross_res,
                                                           "seconds": seconds, "args": vars(args)}, indent=1, default=str))
+
+
+def mean_of(results: list[dict], groups: tuple[str, ...]) -> dict:
+    """Per-seed results averaged: head accuracies (inside `groups`, or at the top level) become means."""
+    out = dict(results[0])
+    for g in groups or (None,):
+        first = results[0][g] if g else results[0]
+        means = {h: sum((r[g] if g else r)[h] for r in results) / len(results)
+                 for h, v in first.items() if h in ("template", "protext", "ensemble")}
+        if g:
+            out[g] = means
+        else:
+            out.update(means)
+    out["per_seed_novel" if groups else "per_seed"] = [
+        {h: (r["novel"] if groups else r)[h] for h in ("template", "protext")} for r in results]
+    return out
 
 
 if __name__ == "__main__":

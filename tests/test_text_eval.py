@@ -68,9 +68,38 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
         assert all(0 <= v <= 100 for v in r[split].values())
     assert r["novel"]["ensemble"] == r["novel"]["template"]
     assert all("thing" in e["masked"] for e in r["examples"])
+    assert r["template_text"] == "a photo of a {}."
     x = ev.cross_dataset(load_descriptions(CUPL / "eurosat_prompts_full.json"),
-                         {"pets": load_descriptions(CUPL / "pets_prompts_full.json")})
+                         {"pets": load_descriptions(CUPL / "pets_prompts_full.json"),
+                          "cupl-dtd": load_descriptions(CUPL / "texture_prompts_full.json")})
     assert x["pets"]["classes"] == 37 and x["pets"]["queries"] == 740
+    # cross-dataset heads read the target dataset's inference template, as ProText's code does
+    assert x["pets"]["template_text"] == "a photo of a {}, a type of pet."
+    assert x["cupl-dtd"]["template_text"] == "a photo of a {}, a type of a texture."
+
+
+def test_template_heads_score_the_given_template(tiny, tmp_path):
+    """Both heads read the same text; changing it changes the template head's class embeddings."""
+    data = {c: [f"A {c} is a thing with {w} parts." for w in ("red", "blue", "small", "round")]
+            for c in ("cat", "dog", "car", "ship")}
+    cfg = TrainConfig(depth=2, epochs=1, warmup_epochs=0, lr=0.001)
+    ev = TextEvaluator(tiny, cfg, cache_dir=tmp_path, template="{} texture.")
+    model = ev.train_prompts(data)
+    q = make_queries(data, list(data), "thing")
+    got = ev.score(q, list(data), model, None, "{} texture.")
+    want = accuracy(ev.encode(q.texts), q.labels, ev.encode([f"{c} texture." for c in data]))
+    assert got["template"] == pytest.approx(want)
+    assert ev.cross_dataset(data, {"pets": data})["pets"]["template_text"] == "{} texture."
+
+
+def test_description_sets_map_to_their_datasets():
+    from protext.templates import dataset_of
+
+    assert dataset_of("airplane_prompts_full") == "fgvc_aircraft"
+    assert dataset_of("cupl:dtd") == dataset_of("cupl-dtd") == dataset_of("texture") == "dtd"
+    assert dataset_of("EuroSAT") == "eurosat"
+    assert dataset_of("imagenet_prompts_base") == "imagenet"
+    assert dataset_of("my_labels") is None
 
 
 def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):

@@ -42,6 +42,13 @@ def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     assert torch.allclose(both, F.normalize(pro + cupl, dim=-1), atol=1e-6)
     assert heads.get("protext", CLASSES) is pro  # computed once per label set
     assert torch.allclose(torch.linalg.norm(both, dim=1), torch.ones(3), atol=1e-5)
+    # ProText's code: "a photo of a {}." except for prompts learned on another dataset
+    assert torch.allclose(heads.get("protext", CLASSES, "oxford_pets"), pro, atol=1e-6)
+    cross = Heads(tiny, prompts, descs, tmp_path, cross_dataset=True)
+    assert torch.allclose(cross.get("protext", CLASSES, "oxford_pets"),
+                          prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)
+    assert not torch.allclose(cross.get("protext", CLASSES, "oxford_pets"), pro, atol=1e-3)
+    assert torch.allclose(cross.get("protext", CLASSES, "imagenet"), pro, atol=1e-6)
     with pytest.raises(ProtextError, match="unknown head"):
         heads.get("waffle", CLASSES)
     with pytest.raises(ProtextError, match="needs learned prompts"):

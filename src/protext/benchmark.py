@@ -80,7 +80,7 @@ def _each(names: Sequence[str], run: Callable[[str], dict | list[dict]], missing
 
 def cross_dataset(backbone: Backbone, prompts: ProText, data_root: Path, cache_dir: Path | None = None,
                   datasets: Sequence[str] = ("imagenet", *CROSS_DATASET_TARGETS), show_progress: bool = True) -> dict:
-    heads = Heads(backbone, prompts, prompts_descriptions(prompts, cache_dir), cache_dir)
+    heads = Heads(backbone, prompts, prompts_descriptions(prompts, cache_dir), cache_dir, cross_dataset=True)
     missing: dict[str, str] = {}
     rows = _each(datasets, lambda d: evaluate(backbone, load_dataset(d, data_root), heads, ("clip", "cupl", "protext"),
                                               cache_dir, show_progress), missing)

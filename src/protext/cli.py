@@ -105,7 +105,10 @@ def _eval_text_parser(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="base2novel: share of each base class's descriptions held out (default: %(default)s)")
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the hold-out split (default: %(default)s)")
     p.add_argument("--mask-word", default="thing", help="word that replaces the class name (default: %(default)s)")
-    p.add_argument("--eval-template", default="a photo of a {}.", help="template of the template and ProText heads")
+    p.add_argument("--eval-template", default=None,
+                   help="template of both the template and ProText heads (default: as ProText's code, 'a photo of "
+                        "a {}.' in base2novel and the target dataset's inference template in cross-dataset, the dataset "
+                        "known from the set name, e.g. cupl:dtd or texture_prompts_full.json)")
     p.add_argument("--out", type=Path, default=Path("eval-text"), help="folder for eval_text.json and eval_text.md")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
@@ -300,6 +303,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--heads", default=None, help="comma-separated heads (default: clip, plus cupl/protext when possible)")
     p.add_argument("--prompts", default=None, help="prompt folder or Hub id")
     p.add_argument("--descriptions", default=None, help="description JSON or set name, for the cupl heads")
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="the prompts were learned on another dataset: the protext head uses this dataset's inference "
+                        "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
     p.add_argument("--out", type=Path, default=None, help="also write the result row as JSON here")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
@@ -322,8 +328,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
     heads = args.heads.split(",") if args.heads else (["clip"] + (["cupl"] if descriptions else [])
                                                       + (["protext"] if prompts else []))
-    row = evaluate(backbone, dataset, Heads(backbone, prompts, descriptions, args.cache_dir), heads, args.cache_dir,
-                   not args.no_progress)
+    row = evaluate(backbone, dataset, Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset), heads,
+                   args.cache_dir, not args.no_progress)
     if args.out:
         atomic_write_json(args.out, row)
     print(json.dumps({k: v for k, v in row.items() if k != "skipped_files"}, indent=2))

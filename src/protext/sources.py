@@ -1,7 +1,8 @@
 """Public description sets, by name, downloaded once into the cache.
 
-Names are `cupl:<set>` (CuPL's GPT-3 descriptions; `cupl:imagenet` is the set ProText
-trains its cross-dataset prompts on). Files are pinned to a commit so a name always means
+Names are `cupl:<dataset>` (CuPL's GPT-3 descriptions; `cupl:imagenet` is the set ProText
+trains its cross-dataset prompts on; CuPL has no EuroSAT set, so `cupl:eurosat` is the
+CuPL-style one published with ProText). Files are pinned to a commit so a name always means
 the same bytes.
 """
 
@@ -29,6 +30,8 @@ SOURCES: dict[str, str] = {
     "cupl:ucf101": f"{_CUPL}/full_prompts/ucf_prompts_full.json",
     "cupl:cifar10": f"{_CUPL}/full_prompts/cifar10_prompts_full.json",
     "cupl:cifar100": f"{_CUPL}/full_prompts/cifar100_prompts_full.json",
+    "cupl:eurosat": "https://raw.githubusercontent.com/muzairkhattak/ProText/"
+                    "acd9918452a559d58c482a7400f858569c0283ab/templates/EuroSAT.json",
 }
 
 

@@ -10,6 +10,11 @@ scored by top-1 accuracy of cosine similarity, in the paper's two transfer setti
   descriptions; base = held-out descriptions of base classes, novel = every description of
   the novel classes (base/novel by CoOp's rule: the first ceil(n/2) labels are base);
 - cross-dataset: prompts trained on one set (ImageNet), tested on every other set.
+
+Both heads read the same text, so the only difference is the learned context: the
+inference template of ProText's code for the protocol, "a photo of a {}." in base-to-novel and
+the target dataset's ("a photo of a {}, a type of a texture." for DTD) in cross-dataset,
+unless one template is given.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .backbone import Backbone
 from .cache import sha1
 from .datasets import split_base_novel
 from .model import ProText
+from .templates import dataset_of, protext_template
 from .train import TrainConfig, encode_texts, train
 from .zeroshot import ensemble, harmonic_mean, top1
 
@@ -89,7 +95,7 @@ def make_queries(data: Mapping[str, Sequence[str]], classes: Sequence[str], mask
 class TextEvaluator:
     """Holds a backbone and the settings shared by both protocols."""
 
-    def __init__(self, backbone: Backbone, cfg: TrainConfig, cache_dir: Path | None = None, template: str = "a photo of a {}.",
+    def __init__(self, backbone: Backbone, cfg: TrainConfig, cache_dir: Path | None = None, template: str | None = None,
                  mask_word: str = "thing", show_progress: bool = False, work_dir: Path | None = None):
         self.backbone = backbone
         self.cfg = replace(cfg, depth=min(cfg.depth, backbone.text.num_layers))
@@ -113,11 +119,11 @@ class TextEvaluator:
         return model
 
     def score(self, queries: Queries, classes: Sequence[str], model: ProText,
-              train_data: Mapping[str, Sequence[str]] | None) -> dict[str, float]:
+              train_data: Mapping[str, Sequence[str]] | None, template: str) -> dict[str, float]:
         q = self.encode(queries.texts)
         heads = {
-            "template": self.encode([self.template.format(c) for c in classes]),
-            "protext": model.encode_classes(classes, self.template),
+            "template": self.encode([template.format(c) for c in classes]),
+            "protext": model.encode_classes(classes, template),
         }
         if train_data is not None:
             heads["ensemble"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
@@ -125,28 +131,31 @@ class TextEvaluator:
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1) -> dict:
         classes = list(data)
+        template = self.template or "a photo of a {}."
         base, novel = split_base_novel(classes)
         train_part, held = hold_out({c: data[c] for c in base}, holdout, seed)
         model = self.train_prompts(train_part)
         base_q = make_queries(held, base, self.mask_word)
         novel_q = make_queries(data, novel, self.mask_word)
-        b = self.score(base_q, base, model, train_part)
-        n = self.score(novel_q, novel, model, None)
+        b = self.score(base_q, base, model, train_part, template)
+        n = self.score(novel_q, novel, model, None, template)
         n["ensemble"] = n["template"]  # no descriptions to train on for novel classes: CuPL falls back
         result = {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b},
                   "classes": {"base": len(base), "novel": len(novel)},
-                  "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)},
+                  "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)}, "template_text": template,
                   "examples": examples(novel_q, novel, 3)}
         return result
 
     def cross_dataset(self, source: Mapping[str, Sequence[str]], targets: Mapping[str, Mapping[str, Sequence[str]]]) -> dict:
+        """Targets are keyed by set name ("cupl:dtd", "texture_prompts_full"), which picks the template."""
         model = self.train_prompts(source)
         out = {}
         for name, data in targets.items():
             classes = list(data)
             q = make_queries(data, classes, self.mask_word)
-            out[name] = {**self.score(q, classes, model, None), "classes": len(classes), "queries": len(q.texts),
-                         "examples": examples(q, classes, 2)}
+            template = self.template or protext_template(dataset_of(name))
+            out[name] = {**self.score(q, classes, model, None, template), "classes": len(classes),
+                         "queries": len(q.texts), "template_text": template, "examples": examples(q, classes, 2)}
         return out
 
 
@@ -175,10 +184,10 @@ def markdown_base_to_novel(results: Mapping[str, dict]) -> str:
 
 
 def markdown_cross(results: Mapping[str, dict]) -> str:
-    lines = ["| target set | template | protext |", "|---|---|---|"]
+    lines = ["| target set | template | protext | template text |", "|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['template']:.1f} | {r['protext']:.1f} |")
+        lines.append(f"| {name} | {r['template']:.1f} | {r['protext']:.1f} | {r.get('template_text', '')} |")
     n = max(len(results), 1)
     lines.append(f"| **mean** | {sum(r['template'] for r in results.values()) / n:.1f} | "
-                 f"{sum(r['protext'] for r in results.values()) / n:.1f} |")
+                 f"{sum(r['protext'] for r in results.values()) / n:.1f} | |")
     return "\n".join(lines)

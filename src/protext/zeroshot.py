@@ -7,7 +7,9 @@ logit_scale x image_feature . head. The heads:
 - `clip80`:       mean of the normalised features of CLIP's 80 ImageNet templates, renormalised;
 - `cupl`:         mean of the normalised features of the class's descriptions, renormalised;
                   a class without descriptions falls back to `clip`, as in the paper;
-- `protext`:      the learned prompts with the dataset's inference template;
+- `protext`:      the learned prompts with "a photo of a {}.", or, for prompts learned on
+                  another dataset (cross-dataset), the dataset's inference template
+                  ("a photo of a {}, a type of pet."), as ProText's code does;
 - `protext+cupl`: the renormalised mean of the `protext` and `cupl` embeddings.
 
 Heads are computed once per (head, label set, dataset) and kept; plain text features come
@@ -55,8 +57,10 @@ class Heads:
     """Builds and memoises class-embedding matrices for one backbone."""
 
     def __init__(self, backbone: Backbone, prompts: ProText | None = None,
-                 descriptions: Mapping[str, Sequence[str]] | None = None, cache_dir: Path | None = None):
+                 descriptions: Mapping[str, Sequence[str]] | None = None, cache_dir: Path | None = None,
+                 cross_dataset: bool = False):
         self.backbone, self.prompts, self.cache_dir = backbone, prompts, cache_dir
+        self.cross_dataset = cross_dataset
         self.descriptions = {normalize_name(k): list(v) for k, v in (descriptions or {}).items()}
         self._memo: dict[tuple, torch.Tensor] = {}
         self.fallbacks: dict[tuple, list[str]] = {}
@@ -81,9 +85,12 @@ class Heads:
         if head in ("protext", "protext+cupl"):
             if self.prompts is None:
                 raise ProtextError(f"head '{head}' needs learned prompts (--prompts DIR)")
-            w = self.prompts.encode_classes(classes, protext_template(dataset))
+            w = self.prompts.encode_classes(classes, self.protext_template(dataset))
             return w if head == "protext" else F.normalize(w + self.get("cupl", classes, dataset), dim=-1)
         raise ProtextError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+
+    def protext_template(self, dataset: str | None) -> str:
+        return protext_template(dataset) if self.cross_dataset else "a photo of a {}."
 
     def _cupl(self, classes: list[str], dataset: str | None) -> torch.Tensor:
         have = [c for c in classes if normalize_name(c) in self.descriptions]
@@ -123,6 +130,9 @@ class ProTextClassifier:
 
     >>> clf = ProTextClassifier("openai/clip-vit-base-patch16", ["cat", "dog"], prompts="prompts/cross-dataset")
     >>> clf.predict(["pet.jpg"]).labels
+
+    `dataset` (e.g. "oxford_pets") picks that dataset's templates for the `clip` head and,
+    as for prompts learned on another dataset, ProText's inference template.
     """
 
     def __init__(self, backbone: Backbone | str | None, classes: Sequence[str], prompts: ProText | str | Path | None = None,
@@ -138,7 +148,7 @@ class ProTextClassifier:
         if isinstance(descriptions, (str, Path)):
             descriptions = load_descriptions(descriptions)
         self.backbone, self.dataset = backbone, dataset
-        self.heads = Heads(backbone, prompts, descriptions, cache_dir)
+        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset=dataset is not None)
         self.head = head or ("protext" if prompts is not None else "cupl" if descriptions else "clip")
         self.set_classes(classes)
 
