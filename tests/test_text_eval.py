@@ -114,4 +114,5 @@ def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):
     assert set(report["cross_dataset"]) == {"eurosat_prompts_full", "pets_prompts_full"}
     md = (out / "eval_text.md").read_text()
     assert "| **mean** |" in md and "thing" in md
+    assert 'read "a photo of a {}."' in md and "a photo of a {}, a type of pet." in md
     assert "eurosat_prompts_full" in capsys.readouterr().out

@@ -137,7 +137,9 @@ def _run_eval_text(args: argparse.Namespace) -> None:
         ev = TextEvaluator(backbone, _settings(args, "base2novel"), args.cache_dir, args.eval_template, args.mask_word,
                            not args.no_progress, work)
         report["base2novel"] = {name: ev.base_to_novel(data, args.holdout, args.eval_seed) for name, data in sets.items()}
-        md += ["## Base-to-novel (top-1 %, masked held-out descriptions)", "", markdown_base_to_novel(report["base2novel"]), ""]
+        template = next(iter(report["base2novel"].values()))["template_text"]
+        md += ["## Base-to-novel (top-1 %, masked held-out descriptions)", "",
+               f"Template and ProText heads read \"{template}\".", "", markdown_base_to_novel(report["base2novel"]), ""]
     if args.protocol in ("cross-dataset", "both"):
         source = resolve(args.source, args.cache_dir)
         ev = TextEvaluator(backbone, _settings(args, "cross-dataset"), args.cache_dir, args.eval_template, args.mask_word,
