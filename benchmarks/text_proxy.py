@@ -74,7 +74,9 @@ def main() -> None:
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
             print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['template']:.1f} "
                   f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
-    base_to_novel = {name: {**mean_of(rs, ("base", "novel", "hm")), "epochs": epochs_of[name]} for name, rs in runs.items()}
+    base_to_novel = {name: {**rs[0], **{g: mean_heads([r[g] for r in rs]) for g in ("base", "novel", "hm")},
+                            "per_seed_novel": [per_head(r["novel"]) for r in rs], "epochs": epochs_of[name]}
+                     for name, rs in runs.items()}
     cross_runs = []
     for seed in seeds:
         t = time.time()
@@ -83,7 +85,8 @@ def main() -> None:
                               show_progress=args.progress, work_dir=args.out / "runs")
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
-    cross_res = {name: mean_of([c[name] for c in cross_runs], ()) for name in cross_runs[0]}
+    cross_res = {name: {**cross_runs[0][name], **mean_heads([c[name] for c in cross_runs]),
+                        "per_seed": [per_head(c[name]) for c in cross_runs]} for name in cross_runs[0]}
     seconds = time.time() - t0
 
     others = [n for n in sets if n != "imagenet"]
@@ -115,20 +118,13 @@ def main() -> None:
                                                           "seconds": seconds, "args": vars(args)}, indent=1, default=str))
 
 
-def mean_of(results: list[dict], groups: tuple[str, ...]) -> dict:
-    """Per-seed results averaged: head accuracies (inside `groups`, or at the top level) become means."""
-    out = dict(results[0])
-    for g in groups or (None,):
-        first = results[0][g] if g else results[0]
-        means = {h: sum((r[g] if g else r)[h] for r in results) / len(results)
-                 for h, v in first.items() if h in ("template", "protext", "ensemble")}
-        if g:
-            out[g] = means
-        else:
-            out.update(means)
-    out["per_seed_novel" if groups else "per_seed"] = [
-        {h: (r["novel"] if groups else r)[h] for h in ("template", "protext")} for r in results]
-    return out
+def mean_heads(results: list[dict]) -> dict[str, float]:
+    """Each head's accuracy averaged over the per-seed results."""
+    return {h: sum(r[h] for r in results) / len(results) for h in ("template", "protext", "ensemble") if h in results[0]}
+
+
+def per_head(result: dict) -> dict[str, float]:
+    return {h: result[h] for h in ("template", "protext")}
 
 
 if __name__ == "__main__":

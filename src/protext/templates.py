@@ -58,8 +58,10 @@ def clip_template(dataset: str | None) -> str:
     return CLIP_TEMPLATES.get(_family(dataset), "a photo of a {}.")
 
 
-def protext_template(dataset: str | None) -> str:
-    return PROTEXT_TEMPLATES.get(_family(dataset), "a photo of a {}.")
+def protext_template(dataset: str | None, cross_dataset: bool) -> str:
+    """ProText's inference template, as its code picks it: the dataset's only for prompts
+    learned on another dataset (cross-dataset), otherwise "a photo of a {}."."""
+    return PROTEXT_TEMPLATES.get(_family(dataset), "a photo of a {}.") if cross_dataset else "a photo of a {}."
 
 
 # Description sets are named after CuPL's files ("airplane_prompts_full.json"), protext's set

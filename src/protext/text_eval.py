@@ -131,7 +131,7 @@ class TextEvaluator:
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1) -> dict:
         classes = list(data)
-        template = self.template or "a photo of a {}."
+        template = self.template or protext_template(None, cross_dataset=False)
         base, novel = split_base_novel(classes)
         train_part, held = hold_out({c: data[c] for c in base}, holdout, seed)
         model = self.train_prompts(train_part)
@@ -153,7 +153,7 @@ class TextEvaluator:
         for name, data in targets.items():
             classes = list(data)
             q = make_queries(data, classes, self.mask_word)
-            template = self.template or protext_template(dataset_of(name))
+            template = self.template or protext_template(dataset_of(name), cross_dataset=True)
             out[name] = {**self.score(q, classes, model, None, template), "classes": len(classes),
                          "queries": len(q.texts), "template_text": template, "examples": examples(q, classes, 2)}
         return out

@@ -85,12 +85,9 @@ class Heads:
         if head in ("protext", "protext+cupl"):
             if self.prompts is None:
                 raise ProtextError(f"head '{head}' needs learned prompts (--prompts DIR)")
-            w = self.prompts.encode_classes(classes, self.protext_template(dataset))
+            w = self.prompts.encode_classes(classes, protext_template(dataset, self.cross_dataset))
             return w if head == "protext" else F.normalize(w + self.get("cupl", classes, dataset), dim=-1)
         raise ProtextError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
-
-    def protext_template(self, dataset: str | None) -> str:
-        return protext_template(dataset) if self.cross_dataset else "a photo of a {}."
 
     def _cupl(self, classes: list[str], dataset: str | None) -> torch.Tensor:
         have = [c for c in classes if normalize_name(c) in self.descriptions]
