@@ -51,3 +51,90 @@ def test_offline_backbone_download_says_how_to_supply_it(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2
     assert "could not load backbone 'someone/not-cached-clip'" in err and "--local-dir" in err
+
+
+def _prompts_for(tiny_folder, folder):
+    from protext.backbone import load_backbone
+
+    ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2).save_pretrained(folder)
+    return str(folder)
+
+
+def test_predict_refuses_top_k_0_and_fails_when_nothing_was_read(tiny_folder, tmp_path, capsys, shared):
+    prompts = _prompts_for(tiny_folder, tmp_path / "p")
+    image = str(next((shared / "images").rglob("*.jpg")))
+    assert main(["predict", "--prompts", prompts, "--classes", "cat,dog", "--top-k", "0", image]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    assert main(["predict", "--prompts", prompts, "--classes", "cat,dog", str(tmp_path / "broken.jpg"),
+                 str(tmp_path / "missing.jpg"), "--cache-dir", str(tmp_path / "c")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "none of the 2 images could be read" in captured.err
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+
+
+def test_predict_says_which_classes_the_cupl_head_could_not_describe(tiny_folder, tmp_path, capsys, shared):
+    import shutil
+
+    image = str(next((shared / "images").rglob("*.jpg")))
+    cached = sources.cached_path("cupl:eurosat", tmp_path / "c")  # a public set already downloaded
+    cached.parent.mkdir(parents=True)
+    shutil.copy(CUPL / "eurosat_prompts_full.json", cached)
+    code = main(["predict", "--backbone", str(tiny_folder), "--descriptions", "cupl:eurosat", "--head", "cupl",
+                 "--classes", "forest,river,moon base,mars", image, "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "cupl head: no descriptions for 2 of 4 classes" in err and "moon base, mars" in err
+
+
+def test_mistyped_class_file_is_an_error_not_a_class(tiny_folder, tmp_path, capsys, shared):
+    image = str(next((shared / "images").rglob("*.jpg")))
+    assert main(["predict", "--backbone", str(tiny_folder), "--classes", "../classes.tx", image]) == 2
+    assert "../classes.tx: no such class file" in capsys.readouterr().err
+
+
+def test_backbone_with_unknown_model_type_or_truncated_weights(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    bad_type = shutil.copytree(tiny_folder, tmp_path / "odd")
+    cfg = json.loads((bad_type / "config.json").read_text())
+    cfg["model_type"] = "no-such-model"
+    (bad_type / "config.json").write_text(json.dumps(cfg))
+    args = ["--descriptions", str(CUPL / "eurosat_prompts_full.json"), "--out", str(tmp_path / "p")]
+    assert main(["train", "--backbone", str(bad_type), *args]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "protext supports CLIP" in err and "Traceback" not in err
+
+    truncated = shutil.copytree(tiny_folder, tmp_path / "cut")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["train", "--backbone", str(truncated), *args]) == 2
+    assert "truncated or damaged" in capsys.readouterr().err
+
+
+def test_stats_prints_non_ascii_names_as_they_are(tmp_path, capsys):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"crème brûlée": ["A crème brûlée has a caramel top."], "小笼包": ["Soup dumplings."]}),
+                 encoding="utf-8")
+    assert main(["descriptions", "stats", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "crème brûlée" in out and "小笼包" in out and "\\u" not in out
+    assert main(["descriptions", "stats", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_eval_reports_an_empty_class_folder(tiny_folder, tmp_path, capsys, shared):
+    import shutil
+
+    root = tmp_path / "imgs"
+    for cls in ("frog", "ship"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((shared / "images" / "cifar10_test_sample" / cls).iterdir())[:2]:
+            shutil.copy(f, root / cls / f.name)
+    (root / "truck").mkdir()
+    assert main(["eval", "--dataset", "folder", "--data-root", str(root), "--backbone", str(tiny_folder),
+                 "--cache-dir", str(tmp_path / "c"), "--no-progress", "--out", str(tmp_path / "row.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "truck" in err
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["classes"] == 3 and row["images"] == 4 and any("truck" in n for n in row["notes"])

@@ -119,6 +119,95 @@ def test_image_folder_and_csv_on_real_images(tmp_path, shared):
         csv_dataset(tmp_path / "bad.csv")
 
 
+def test_csv_errors_name_the_line_of_the_bad_row(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\na.jpg,cat\n\nb.jpg,dog,extra\n")
+    with pytest.raises(ProtextError, match=r"bad\.csv, line 4: expected 'path,label'"):
+        csv_dataset(bad)
+    bad.write_text('path,label\n"a\nb.jpg",cat\n"c\nd.jpg",dog\ne.jpg\n')  # quoted fields span lines
+    with pytest.raises(ProtextError, match=r"bad\.csv, line 6: expected 'path,label', got \['e\.jpg'\]"):
+        csv_dataset(bad)
+    bad.write_text('path,label\na.jpg,cat\n"b.jpg,dog,x\nc.jpg,dog\n', newline="")  # quoted field never closed
+    with pytest.raises(ProtextError, match=r"bad\.csv, line 3"):
+        csv_dataset(bad)
+
+
+def test_csv_with_utf8_bom_parses_like_without(tmp_path):
+    body = "path,label\nimgs/a.jpg,cat\nimgs/b.jpg,dog\n"
+    (tmp_path / "plain.csv").write_text(body, encoding="utf-8")
+    (tmp_path / "excel.csv").write_text(body, encoding="utf-8-sig")
+    assert (tmp_path / "excel.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    plain, excel = csv_dataset(tmp_path / "plain.csv"), csv_dataset(tmp_path / "excel.csv")
+    assert excel.classes == plain.classes == ["cat", "dog"] and excel.samples == plain.samples
+    (tmp_path / "latin1.csv").write_bytes("path,label\nb\xe9b\xe9.jpg,cat\n".encode("latin-1"))
+    with pytest.raises(ProtextError, match=r"latin1\.csv: not UTF-8 text"):
+        csv_dataset(tmp_path / "latin1.csv")
+
+
+def test_bom_in_split_and_class_name_files(tmp_path):
+    items = [["a/1.jpg", 0, "apple_pie"], ["b/2.jpg", 1, "baby_back_ribs"]]
+    (tmp_path / "food-101").mkdir()
+    (tmp_path / "food-101" / "split_zhou_Food101.json").write_text(json.dumps({"test": items}), encoding="utf-8-sig")
+    for rel, _, _ in items:
+        tiny_image(tmp_path / "food-101" / "images" / rel)
+    assert load_dataset("food101", tmp_path).classes == ["apple pie", "baby back ribs"]
+    air = tmp_path / "fgvc_aircraft"
+    air.mkdir()
+    (air / "variants.txt").write_text("707-320\nA300B4\n", encoding="utf-8-sig")
+    (air / "images_variant_test.txt").write_text("0001 707-320\n", encoding="utf-8-sig")
+    tiny_image(air / "images" / "0001.jpg")
+    ds = load_dataset("fgvc_aircraft", tmp_path)
+    assert ds.classes == ["707-320", "A300B4"] and ds.samples[0][1] == 0
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("n01 tench\nn02 goldfish\n", encoding="utf-8-sig")
+    for w in ("n01", "n02"):
+        tiny_image(tmp_path / "imagenet" / "images" / "val" / w / "a.jpg")
+    ds = load_dataset("imagenet", tmp_path)
+    assert ds.classes == ["tench", "goldfish"] and [l for _, l in ds.samples] == [0, 1]
+
+
+def test_empty_class_folders_are_kept_and_reported(tmp_path):
+    root = tmp_path / "pets"
+    tiny_image(root / "cat" / "a.png")
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    tiny_image(root / "fish" / "b.png")
+    ds = image_folder(root)
+    assert ds.classes == ["cat", "dog", "fish"] and [l for _, l in ds.samples] == [0, 2]
+    assert len(ds.notes) == 1 and str(root) in ds.notes[0] and ds.notes[0].endswith(": dog")
+    assert base_novel(ds, "novel").notes == ds.notes  # the notes travel with the dataset
+    full = tmp_path / "full"
+    for c in "ab":
+        tiny_image(full / c / "x.png")
+    assert image_folder(full).notes == []
+    for c in "xyz":
+        (tmp_path / "empty" / c).mkdir(parents=True)
+    with pytest.raises(ProtextError, match="no images found"):
+        image_folder(tmp_path / "empty")
+
+
+def test_missing_or_empty_wnid_folders_are_reported(tmp_path):
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("n01 tench\nn02 goldfish\nn03 shark\n")
+    tiny_image(tmp_path / "imagenet" / "images" / "val" / "n01" / "a.jpg")
+    (tmp_path / "imagenet" / "images" / "val" / "n03").mkdir()
+    ds = load_dataset("imagenet", tmp_path)
+    assert ds.classes == ["tench", "goldfish", "shark"] and [l for _, l in ds.samples] == [0]
+    assert len(ds.notes) == 1 and "2 of 3" in ds.notes[0] and ds.notes[0].endswith("n02, n03")
+    sketch = tmp_path / "imagenet-sketch" / "images"
+    tiny_image(sketch / "n02" / "a.jpg")
+    (sketch / "n03").mkdir()
+    ds = load_dataset("imagenet_sketch", tmp_path)
+    assert ds.classes == ["goldfish", "shark"] and ds.notes and ds.notes[0].endswith(": n03")
+    v2 = tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    tiny_image(v2 / "1" / "a.jpg")
+    ds = load_dataset("imagenetv2", tmp_path)
+    assert len(ds.classes) == 3 and ds.samples[0][1] == 1 and ds.notes[0].endswith("0, 2")
+    tiny_image(v2 / "3" / "a.jpg")
+    with pytest.raises(ProtextError, match=r"folders \['3'\] are not class numbers 0\.\.2"):
+        load_dataset("imagenetv2", tmp_path)
+
+
 @pytest.mark.parametrize("name", ["food101", "sun397"])
 def test_split_layouts_without_shared_split_files(tmp_path, name):
     folder, image_dir, split_file = SPLIT_DATASETS[name]

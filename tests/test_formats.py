@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import CUPL
+from conftest import CUPL, SHARED
 from protext import sources
 from protext.cli import main
 from protext.errors import ProtextError
@@ -90,3 +90,22 @@ def test_fetch_downloads_once_into_the_cache(tmp_path, monkeypatch, capsys):
         httpd.shutdown()
     assert served == ["/t.json"]
     assert json.loads((tmp_path / "t.json").read_text()) == json.loads((CUPL / "texture_prompts_full.json").read_text())
+
+
+def test_dclip_and_text_files_with_a_byte_order_mark_load_as_without(shared, tmp_path):
+    source = SHARED / "descriptions" / "dclip" / "descriptors_pets.json"
+    p = tmp_path / "bom.json"
+    p.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    assert import_descriptions(p, "dclip") == import_descriptions(source, "dclip")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "owl.txt").write_bytes("\ufeffAn owl has big eyes.\n".encode())
+    assert import_descriptions(tmp_path / "txt", "text") == {"owl": ["An owl has big eyes."]}
+
+
+def test_dclip_repeated_or_missing_file_is_rejected_with_the_file(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('{"owl": ["big eyes"], "owl": ["feathers"]}')
+    with pytest.raises(ProtextError, match=r"d\.json: key 'owl' appears twice \(line 1\)"):
+        import_descriptions(p, "dclip")
+    with pytest.raises(ProtextError, match="nowhere.json: no such DCLIP descriptor file"):
+        import_descriptions(tmp_path / "nowhere.json", "dclip")

@@ -9,7 +9,7 @@ from conftest import SHARED
 from protext.backbone import CLIP_MEAN, CLIP_STD
 from protext.datasets import image_folder
 from protext.features import extract
-from protext.images import open_image, preprocess, to_rgb
+from protext.images import UnreadableImage, load_pixels, open_image, preprocess, to_rgb
 
 
 @pytest.mark.parametrize("size", [224, 32])
@@ -80,3 +80,79 @@ def test_corrupt_and_truncated_files_are_skipped_and_listed(tiny, tmp_path, shar
     assert sorted(p.split("/")[-1] for p, _ in feats.skipped) == ["not_an_image.jpg", "truncated.jpg"]
     assert all(reason for _, reason in feats.skipped)
     assert torch.allclose(feats.feats.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def _bomb_folder(root, monkeypatch):
+    """Two small images and one 64x64 'decompression bomb' (PIL's limit is lowered so it counts as one)."""
+    for name, side in (("cat/small.png", 8), ("cat/bomb.png", 64), ("dog/small.png", 12)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (side, side), (side, 0, 0)).save(root / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 * 64 > 2 * 1000: PIL raises, not warns
+    return root
+
+
+def test_decompression_bomb_is_skipped_and_listed_by_extract(tiny, tmp_path, monkeypatch):
+    root = _bomb_folder(tmp_path / "imgs", monkeypatch)
+    feats = extract(tiny, image_folder(root), tmp_path / "cache", show_progress=False, workers=2)
+    assert len(feats.labels) == 2 and feats.labels.tolist() == [0, 1]
+    assert [p.split("/")[-1] for p, _ in feats.skipped] == ["bomb.png"]
+    assert feats.skipped[0][1].startswith("DecompressionBombError: ")
+
+
+def test_load_pixels_turns_any_failure_into_one_error(tmp_path, monkeypatch):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    assert load_pixels(tmp_path / "a.png", 8, CLIP_MEAN, CLIP_STD).shape == (3, 8, 8)
+    assert load_pixels(Image.new("L", (9, 7)), 8, CLIP_MEAN, CLIP_STD).shape == (3, 8, 8)
+    with pytest.raises(UnreadableImage, match="FileNotFoundError"):
+        load_pixels(tmp_path / "missing.png", 8, CLIP_MEAN, CLIP_STD)
+
+    def out_of_memory(*args):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr("protext.images.preprocess", out_of_memory)
+    with pytest.raises(UnreadableImage, match="^MemoryError: cannot allocate$"):
+        load_pixels(tmp_path / "a.png", 8, CLIP_MEAN, CLIP_STD)
+
+
+def test_image_cache_is_keyed_by_the_vision_weights(tmp_path):
+    from protext.tiny import tiny_clip
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for name in ("cat/a.png", "dog/b.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        _rgb(rng.integers(0, 256, (20, 20, 3))).save(root / name)
+    ds = image_folder(root)
+    old, new = tiny_clip(seed=0), tiny_clip(seed=0)
+    assert old.image.fingerprint() == tiny_clip(seed=0).image.fingerprint()
+    with torch.no_grad():  # new vision weights, same text weights and name, e.g. a fine-tune saved in the same folder
+        gen = torch.Generator().manual_seed(1)
+        for p in new.image.model.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    assert new.name == old.name and new.fingerprint() == old.fingerprint()
+    assert new.image.fingerprint() != old.image.fingerprint()
+    first = extract(old, ds, tmp_path / "cache", show_progress=False)
+    second = extract(new, ds, tmp_path / "cache", show_progress=False)
+    assert not torch.allclose(first.feats, second.feats, atol=1e-3)
+    tower = new.image
+    pixels = torch.stack([load_pixels(p, tower.image_size, tower.mean, tower.std) for p, _ in ds.samples])
+    assert torch.allclose(second.feats, tower(pixels), atol=1e-5)
+
+
+def test_image_fingerprint_covers_projection_and_preprocessing():
+    from dataclasses import replace
+
+    from protext.tiny import tiny_clip
+
+    tower = tiny_clip(seed=0).image
+    prints = {tower.fingerprint(), replace(tower, image_size=64).fingerprint(),
+              replace(tower, mean=(0.5, 0.5, 0.5)).fingerprint(),
+              replace(tower, std=(0.5, 0.5, 0.5)).fingerprint()}
+    other = tiny_clip(seed=0).image
+    with torch.no_grad():
+        other.projection.weight.mul_(2)
+    prints.add(other.fingerprint())
+    assert len(prints) == 5
+    with torch.no_grad():
+        other.projection.weight.mul_(3)
+    assert other.fingerprint() in prints  # computed once: the weights of a backbone are frozen

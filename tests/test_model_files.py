@@ -48,11 +48,20 @@ def test_bad_prompt_files_name_the_file(tiny, tmp_path):
     with pytest.raises(ProtextError, match=PROMPTS_FILE):
         ProText.from_pretrained(tmp_path, backbone=tiny)
     save_file({"prompts": torch.zeros(3, 4, 32)}, str(tmp_path / PROMPTS_FILE))
+    _config_names_current_prompts(tmp_path)  # a config written for these bytes, but of another shape
     with pytest.raises(ProtextError, match=r"shape \(3, 4, 32\), expected \(2, 4, 32\)"):
         ProText.from_pretrained(tmp_path, backbone=tiny)
     (tmp_path / CONFIG_FILE).write_text("{")
     with pytest.raises(ProtextError, match=CONFIG_FILE):
         ProText.from_pretrained(tmp_path, backbone=tiny)
+
+
+def _config_names_current_prompts(folder):
+    from protext.cache import file_sha256
+
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg["prompts_sha256"] = file_sha256(folder / PROMPTS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
 
 
 def test_context_initialisation_rules(tiny):
@@ -100,3 +109,112 @@ def test_hub_id_that_cannot_be_reached_gives_an_actionable_error(tiny, monkeypat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ProtextError, match="could not download prompts 'someone/prompts'.*pass its path"):
         ProText.from_pretrained("someone/prompts", backbone=tiny)
+
+
+def test_prompt_folder_works_from_another_directory_and_on_a_moved_backbone(tiny_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from protext.backbone import load_backbone
+
+    monkeypatch.chdir(tiny_folder.parent)
+    b = load_backbone(tiny_folder.name, device="cpu")  # a relative path, as users type it
+    ProText.create(b, depth=2).save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / CONFIG_FILE).read_text())["backbone"] == str(tiny_folder.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert ProText.from_pretrained(tmp_path / "p").backbone.fingerprint() == b.fingerprint()
+
+    # The backbone folder moves: the prompts say where they were trained and how to go on.
+    moved = tmp_path / "elsewhere" / "clip"
+    shutil.copytree(tiny_folder, moved)
+    cfg = json.loads((tmp_path / "p" / CONFIG_FILE).read_text())
+    cfg["backbone"] = str(tmp_path / "gone")
+    (tmp_path / "p" / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ProtextError, match="not on this machine.*--backbone"):
+        ProText.from_pretrained(tmp_path / "p")
+    # A backbone given explicitly replaces the stored one, checked by fingerprint.
+    assert ProText.from_pretrained("p", backbone=load_backbone("elsewhere/clip")).backbone.name == str(moved)
+    other = tmp_path / "other"
+    from protext.tiny import save_tiny_clip
+
+    save_tiny_clip(other, seed=5)
+    with pytest.raises(ProtextError, match="weights differ"):
+        ProText.from_pretrained(tmp_path / "p", backbone=load_backbone(str(other), device="cpu"))
+
+
+def test_predict_with_backbone_flag_uses_that_backbone(tiny_folder, tmp_path, capsys, shared):
+    import shutil
+
+    from protext.backbone import load_backbone
+    from protext.cli import main
+
+    ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2).save_pretrained(tmp_path / "p")
+    moved = shutil.copytree(tiny_folder, tmp_path / "moved")
+    cfg = json.loads((tmp_path / "p" / CONFIG_FILE).read_text())
+    cfg["backbone"] = str(tmp_path / "gone")
+    (tmp_path / "p" / CONFIG_FILE).write_text(json.dumps(cfg))
+    image = next((shared / "images").rglob("*.jpg"))
+    args = ["predict", "--prompts", str(tmp_path / "p"), "--classes", "cat,dog", str(image)]
+    assert main(args) == 2
+    assert "--backbone" in capsys.readouterr().err
+    assert main(args + ["--backbone", str(moved)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] in ("cat", "dog")
+
+
+def test_a_save_killed_between_the_two_files_is_not_taken_as_finished(tiny, tmp_path):
+    from protext.model import is_complete
+
+    pt = ProText.create(tiny, depth=2)
+    pt.save_pretrained(tmp_path)
+    assert is_complete(tmp_path)
+    (tmp_path / CONFIG_FILE).unlink()  # killed before the config was written
+    assert not is_complete(tmp_path)
+    pt.save_pretrained(tmp_path)
+    with torch.no_grad():
+        pt.prompts.add_(1.0)
+    from protext.cache import atomic_save_tensors
+
+    # new prompts written, then killed before the new config: the old config names other bytes
+    atomic_save_tensors(tmp_path / PROMPTS_FILE, {"prompts": pt.prompts.detach()})
+    assert not is_complete(tmp_path)
+    with pytest.raises(ProtextError, match="interrupted"):
+        ProText.from_pretrained(tmp_path, backbone=tiny)
+    # a killed writer's temporary file is cleaned up by the next save
+    (tmp_path / f".{PROMPTS_FILE}.abc.tmp").write_bytes(b"partial")
+    pt.save_pretrained(tmp_path)
+    assert is_complete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PROMPTS_FILE, CONFIG_FILE]
+
+
+def test_outputs_respect_the_umask(tiny, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import protext.cache
+
+        importlib.reload(protext.cache)  # the umask is read once, at import
+        protext.cache.atomic_write_json(tmp_path / "r.json", {"a": 1})
+        assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(protext.cache)
+
+
+def test_config_from_a_newer_protext_loads_with_a_warning(tiny, tmp_path):
+    ProText.create(tiny, depth=2).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["format_version"] == 1
+    cfg.update(format_version=2, some_new_key={"x": 1})
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="newer protext.*some_new_key"):
+        ProText.from_pretrained(tmp_path, backbone=tiny)
+
+
+def test_reports_are_strict_json():
+    from protext.cache import to_json
+
+    text = to_json({"loss": float("nan"), "rows": [1.0, float("inf")], "name": "café"})
+    assert json.loads(text) == {"loss": None, "rows": [1.0, None], "name": "café"}
+    assert "NaN" not in text and "Infinity" not in text

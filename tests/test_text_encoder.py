@@ -1,14 +1,28 @@
+import html
 import math
 
 import torch
 import torch.nn.functional as F
 
+from conftest import CUPL
 from protext.backbone import from_model
+from protext.descriptions import load_descriptions
 from protext.model import ProText
-from protext.text_encoder import pad
+from protext.text_encoder import clip_clean, pad
 from protext.tiny import _build
 
 NAMES = ["cat", "tench", "great white shark", "Annual Crop Land"]
+
+# ImageNet CuPL sentences with typographic quotes, and the text OpenAI's CLIP tokenizer made of them
+# (simple_tokenizer.py: ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case).
+CLEANED_BY_CLIP = {
+    ("killer whale", "Killer whales are one of the world\u2019s largest predators."):
+        "killer whales are one of the world's largest predators.",
+    ("goose", "A goose has a long neck, webbed feet, and flies in a \u201cV\u201d formation."):
+        'a goose has a long neck, webbed feet, and flies in a "v" formation.',
+    ("banana", "A banana is an edible fruit \u2013 the world\u2019s most popular, in fact."):
+        "a banana is an edible fruit \u2013 the world's most popular, in fact.",
+}
 
 
 def test_untrained_depth1_prompts_equal_plain_clip_features():
@@ -104,6 +118,7 @@ def test_bert_tower_matches_mean_pooled_transformers_output():
     assert backbone.image is None and backbone.text.kind == "bert"
     texts = ["a photo of a cat.", "a big red dog.", "a cat"]
     mine = backbone.text.encode(texts)
+    assert backbone.text.token_lists(["a &amp; cat"]) == tok(["a &amp; cat"])["input_ids"]  # no CLIP cleaning
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         h = bert(**enc).last_hidden_state
@@ -117,3 +132,38 @@ def test_bert_tower_matches_mean_pooled_transformers_output():
         pt.prompts.normal_(0, 0.3)
         lists = pt.class_token_lists(["cat", "big red dog"])
         assert torch.allclose(pt(pad(lists, 0)), pt(pad(lists, 0, length=20)), atol=1e-5)
+
+
+def test_clip_tokens_are_those_of_text_cleaned_as_openai_clip_cleans_it(shared, tiny):
+    data = load_descriptions(CUPL / "imagenet_prompts_base.json")
+    text = tiny.text
+    for (name, sentence), cleaned in CLEANED_BY_CLIP.items():
+        assert sentence in data[name]
+        assert clip_clean(sentence) == cleaned
+        plain = text.tokenizer(cleaned)["input_ids"]
+        assert text.token_lists([sentence]) == [plain]
+        assert text.tokenizer(sentence)["input_ids"] != plain  # the tokenizer alone has no ftfy step
+    curly = "the world\u2019s"
+    assert text.count_words(curly) == text.count_words("the world's")
+    assert text.count_words(curly) != len(text.tokenizer(curly, add_special_tokens=False)["input_ids"])
+
+
+def test_clip_tokens_undo_html_entities_escaped_once_or_twice(tiny):
+    text = tiny.text
+    sentence = 'A goose flies in a "V" formation & honks.'
+    once, twice = html.escape(sentence), html.escape(html.escape(sentence))
+    assert "&quot;" in once and "&amp;quot;" in twice
+    assert text.token_lists([once, twice]) == text.token_lists([sentence]) * 2
+    assert text.tokenizer(once)["input_ids"] != text.token_lists([sentence])[0]
+
+
+def test_clip_cleaning_is_idempotent_and_leaves_plain_text_alone(shared):
+    sentences = [s for v in load_descriptions(CUPL / "imagenet_prompts_base.json").values() for s in v]
+    changed = 0
+    for s in sentences:
+        c = clip_clean(s)
+        assert clip_clean(c) == c
+        if s.isascii() and "&" not in s:
+            assert c == " ".join(s.split()).lower()  # what transformers' normalizer alone makes of it
+        changed += c != " ".join(s.split()).lower()
+    assert 10 <= changed <= 30, changed

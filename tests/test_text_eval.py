@@ -116,3 +116,31 @@ def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):
     assert "| **mean** |" in md and "thing" in md
     assert 'read "a photo of a {}."' in md and "a photo of a {}, a type of pet." in md
     assert "eurosat_prompts_full" in capsys.readouterr().out
+
+
+def test_eval_text_keeps_sets_whose_files_share_a_name(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    shutil.copy(CUPL / "eurosat_prompts_full.json", tmp_path / "a" / "set.json")
+    shutil.copy(CUPL / "pets_prompts_full.json", tmp_path / "b" / "set.json")
+    code = main(["eval-text", "--backbone", str(tiny_folder), "--protocol", "base2novel", "--descriptions",
+                 str(tmp_path / "a" / "set.json"), str(tmp_path / "b" / "set.json"), "--depth", "2", "--epochs", "1",
+                 "--warmup-epochs", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads((tmp_path / "r" / "eval_text.json").read_text())
+    assert set(report["base2novel"]) == {"a/set", "b/set"}
+    assert report["base2novel"]["a/set"]["classes"] == {"base": 5, "novel": 5}
+
+
+def test_eval_text_refuses_a_one_class_set_before_any_work(tiny_folder, tmp_path, capsys):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"cat": ["A cat is a small furry animal.", "A cat purrs."]}))
+    code = main(["eval-text", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
+                 str(one), "--protocol", "base2novel", "--depth", "2", "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == 2
+    assert "one: base-to-novel needs at least 2 classes" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()

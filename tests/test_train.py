@@ -1,5 +1,7 @@
+import importlib
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -16,6 +18,8 @@ from protext.errors import ProtextError
 from protext.model import ProText
 from protext.train import TrainConfig, batch_loss, encode_texts, lr_at, make_config, train
 from reference import plain_loss
+
+train_module = importlib.import_module("protext.train")  # `protext.train` is also the function
 
 
 def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
@@ -135,3 +139,124 @@ def test_resume_after_kill_gives_the_same_prompts(tiny_folder, tmp_path):
     a = load_tensors(tmp_path / "full" / "prompts.safetensors")["prompts"]
     b = load_tensors(out / "prompts.safetensors")["prompts"]
     assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, eurosat, tmp_path):
+    cfg = TrainConfig(depth=2, epochs=3, batch_size=64, warmup_epochs=1, lr=1e30)
+    with pytest.raises(ProtextError, match=r"diverged.*epoch 2.*kept in .*checkpoint\.safetensors"):
+        train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / "run" / "prompts.safetensors").exists()  # no NaN prompts saved
+    kept = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
+    assert torch.isfinite(kept["prompts"]).all() and torch.isfinite(kept["exp_avg"]).all()
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("lr", float("nan"), "'lr' must be a finite number"),
+    ("lr", float("inf"), "'lr' must be a finite number"),
+    ("lr", "0.01", "'lr' must be a number, got '0.01'"),
+    ("epochs", "abc", "'epochs' must be a whole number, got 'abc'"),
+    ("epochs", True, "'epochs' must be a whole number, got True"),
+    ("epochs", 2.5, "'epochs' must be a whole number"),
+    ("init", 5, "'init' must be a string"),
+    ("template", "a {} of {}", "exactly one '{}'"),
+    ("template", "a photo of {0}", "exactly one '{}'"),
+])
+def test_settings_of_the_wrong_type_name_the_setting(setting, value, message):
+    with pytest.raises(ProtextError, match=re.escape(message)):
+        TrainConfig(**{setting: value})
+
+
+def test_config_files_with_wrong_types_name_the_file_and_key(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text('{"lr": "0.01"}')
+    with pytest.raises(ProtextError, match=r"c\.json: setting 'lr' must be a number"):
+        make_config("cross-dataset", f)
+    t = tmp_path / "c.toml"
+    t.write_text('epochs = "abc"\n')
+    with pytest.raises(ProtextError, match=r"c\.toml: setting 'epochs' must be a whole number"):
+        make_config("cross-dataset", t)
+    with pytest.raises(ProtextError, match="is a folder"):
+        make_config("cross-dataset", tmp_path)
+    f.write_text('{"lr": 0.1, "lr": 0.2}')
+    with pytest.raises(ProtextError, match="key 'lr' appears twice"):
+        make_config("cross-dataset", f)
+    assert make_config("cross-dataset", None, {"lr": 1}).lr == 1.0  # an int is a number
+
+
+def test_settings_are_checked_against_the_backbone_before_encoding(tiny, eurosat, tmp_path, monkeypatch):
+    def no_encoding(*a, **k):
+        raise AssertionError("encoding started before the settings were checked")
+
+    monkeypatch.setattr(train_module, "encode_texts", no_encoding)
+    with pytest.raises(ProtextError, match="n_ctx 100 .* more than the 77-token context"):
+        train(tiny, eurosat, TrainConfig(n_ctx=100, depth=2), tmp_path / "a", tmp_path / "c", show_progress=False)
+    with pytest.raises(ProtextError, match="depth must be between 1 and 2"):
+        train(tiny, eurosat, TrainConfig(depth=5), tmp_path / "b", tmp_path / "c", show_progress=False)
+
+
+def test_cli_refuses_non_finite_and_mistyped_settings(tiny_folder, tmp_path, capsys):
+    from protext.cli import main
+
+    base = ["train", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
+            "--depth", "2", "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main(base + ["--lr", "nan"]) == 2
+    assert "'lr' must be a finite number" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"init": 5}')
+    assert main(base + ["--config", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: setting 'init' must be a string" in capsys.readouterr().err
+    assert main(base + ["--config", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(base + ["--n-ctx", "100"]) == 2
+    assert "77-token context" in capsys.readouterr().err
+    assert main(base + ["--template", "{} and {}"]) == 2
+    assert "exactly one '{}'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def _bf16_and_fp32_losses(backbone, data, device):
+    cfg32 = TrainConfig(depth=2, precision="fp32")
+    cfg16 = TrainConfig(depth=2, precision="bf16")
+    classes, texts, cls_idx, txt_idx = pairs(data)
+    model = ProText.create(backbone, n_ctx=4, depth=2, seed=3)
+    with torch.no_grad():
+        model.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    tokens = model.class_token_lists(classes)
+    targets = backbone.text.encode(texts)[torch.tensor(txt_idx)].to(device)
+    idx = torch.arange(64)
+    cls_t = torch.tensor(cls_idx)[idx]
+    out = {}
+    for cfg in (cfg32, cfg16):
+        autocast, scaler = train_module._autocast(cfg, torch.device(device))
+        with autocast:
+            loss = batch_loss(model, tokens, cls_t, targets[idx], cfg)
+        assert scaler is None
+        out[cfg.precision] = loss
+    return out
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_branch_runs_and_stays_close_to_fp32(device, eurosat, tmp_path):
+    from protext.tiny import tiny_clip
+
+    backbone = tiny_clip(seed=0).to(device)
+    losses = _bf16_and_fp32_losses(backbone, eurosat, device)
+    assert torch.isfinite(losses["bf16"]) and losses["bf16"].dtype == torch.float32
+    assert losses["bf16"].item() == pytest.approx(losses["fp32"].item(), rel=0.05)
+    assert losses["bf16"].item() != losses["fp32"].item()  # the bf16 branch really ran
+
+    cfg = TrainConfig(depth=2, epochs=2, batch_size=64, warmup_epochs=1, precision="bf16")
+    model, summary = train(backbone, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+    assert math.isfinite(summary["final_epoch_loss"])
+    saved = load_tensors(tmp_path / "run" / "prompts.safetensors")["prompts"]
+    ckpt = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
+    assert saved.dtype == torch.float32 and all(t.dtype == torch.float32 for t in ckpt.values())
+    assert torch.equal(saved, model.prompts.detach().cpu())
+
+
+def test_text_cache_is_keyed_by_the_text_cleaning_rule(tiny, tmp_path, monkeypatch):
+    before = train_module.text_store(tiny, tmp_path).folder
+    monkeypatch.setattr(type(tiny.text), "text_rule", "another-rule")
+    assert train_module.text_store(tiny, tmp_path).folder != before

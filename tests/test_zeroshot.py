@@ -85,3 +85,17 @@ def test_predict_command(tiny_folder, tmp_path, capsys, shared):
     assert code == 0 and len(lines) == 2 and lines[0]["image"] == files[0]
     assert lines[0]["label"] in {"frog", "ship", "truck"} and len(lines[0]["top"]) == 2
     assert "skipped" in out.err and "missing.jpg" in out.err
+
+
+def test_predict_skips_a_decompression_bomb_and_keeps_the_rest(tiny, tmp_path, monkeypatch):
+    from PIL import Image
+
+    files = []
+    for name, side in (("a.png", 8), ("bomb.png", 64), ("b.png", 12)):
+        Image.new("RGB", (side, side), (0, side, 0)).save(tmp_path / name)
+        files.append(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 * 64 > 2 * 1000: PIL raises, not warns
+    pred = ProTextClassifier(tiny, CLASSES).predict(files + [Image.new("RGB", (9, 9))])
+    assert pred.inputs == [str(files[0]), str(files[2]), "image[3]"] and pred.probs.shape == (3, 3)
+    assert [name for name, _ in pred.skipped] == [str(files[1])]
+    assert pred.skipped[0][1].startswith("DecompressionBombError: ")

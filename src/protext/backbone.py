@@ -35,11 +35,30 @@ class ImageTower:
     image_size: int
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = self.model(pixel_values=pixels).pooler_output
         return torch.nn.functional.normalize(self.projection(pooled).float(), dim=-1)
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the image features: the vision weights, the
+        projection and the preprocessing. Image-feature caches are keyed by it, so a fine-tuned
+        vision tower saved under the same name (the text tower unchanged) gets new features.
+        Every tensor's name and shape count, and up to 4096 values spread evenly over it: a
+        change anywhere in a layer shows, and a ViT-L hashes in well under a second."""
+        if self._fingerprint is None:
+            per_tensor = 4096
+            h = hashlib.sha256(repr((self.image_size, tuple(self.mean), tuple(self.std))).encode())
+            for prefix, module in (("model", self.model), ("projection", self.projection)):
+                for name, tensor in module.state_dict().items():
+                    flat = tensor.detach().flatten()
+                    h.update(f"{prefix}.{name}{tuple(tensor.shape)}".encode())
+                    h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 @dataclass
@@ -77,10 +96,17 @@ class Backbone:
         return self._fingerprint
 
 
+SUPPORTED = "protext supports CLIP ('clip') and BERT-style text encoders ('bert')"
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
+
+
 def _hub_error(name: str, revision: str | None, err: Exception) -> ProtextError:
     rev = f" (revision {revision})" if revision else ""
     return ProtextError(
-        f"could not load backbone '{name}'{rev}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"could not load backbone '{name}'{rev}: {err.__class__.__name__}: {_first_line(err)}\n"
         f"If this machine is offline, download the model where there is internet, e.g.\n"
         f"  hf download {name} --local-dir ./{Path(name).name}   (huggingface_hub's CLI)\n"
         f"copy that folder here and pass its path as --backbone, or point HF_HOME at a cache that holds it."
@@ -97,22 +123,27 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
     source = str(local) if local.exists() else name
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        if config.model_type == "clip":
-            model = CLIPModel.from_pretrained(source, revision=revision, attn_implementation="sdpa")
-        elif config.model_type == "bert":
-            model = AutoModel.from_pretrained(source, revision=revision, attn_implementation="sdpa")
-        else:
-            raise ProtextError(
-                f"backbone '{name}' has model_type '{config.model_type}'; protext supports CLIP ('clip') "
-                f"and BERT-style text encoders ('bert')"
-            )
-    except ProtextError:
-        raise
+    except ValueError as e:  # transformers' word for an unknown model_type
+        raise ProtextError(f"backbone '{name}': {_first_line(e)}\n{SUPPORTED}") from e
     except OSError as e:
+        if local.exists():
+            raise ProtextError(f"{local / 'config.json'}: not a readable model config ({_first_line(e)})") from e
         raise _hub_error(name, revision, e) from e
+    if config.model_type not in ("clip", "bert"):
+        raise ProtextError(f"backbone '{name}' has model_type '{config.model_type}'. {SUPPORTED}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model_class = CLIPModel if config.model_type == "clip" else AutoModel
+        model = model_class.from_pretrained(source, revision=revision, attn_implementation="sdpa")
+    except Exception as e:  # safetensors, OSError, size mismatches: many classes, one meaning
+        if not local.exists() and isinstance(e, OSError):
+            raise _hub_error(name, revision, e) from e
+        raise ProtextError(
+            f"backbone '{name}': could not read its tokenizer or weights ({e.__class__.__name__}: {_first_line(e)}); "
+            f"the files may be truncated or damaged: download them again"
+        ) from e
     commit = revision or getattr(config, "_commit_hash", None)
-    backbone = from_model(model, tokenizer, name=name if not local.exists() else str(local), revision=commit, folder=local if local.exists() else None)
+    backbone = from_model(model, tokenizer, name=name if not local.exists() else str(local.resolve()), revision=commit, folder=local if local.exists() else None)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return backbone.to(dev)
 

@@ -25,7 +25,7 @@ from .datasets import CROSS_DATASET_TARGETS, DOMAIN_SHIFTS, Dataset, base_novel,
 from .descriptions import load_descriptions, select_classes
 from .errors import ProtextError
 from .features import Features, extract
-from .model import ProText
+from .model import ProText, is_complete
 from .sources import SOURCES, fetch
 from .train import TrainConfig, train
 from .zeroshot import Heads, harmonic_mean, top1
@@ -42,7 +42,8 @@ def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence
     """Top-1 accuracy of each named head on `dataset`, plus counts and skipped files."""
     feats = extract(backbone, dataset, cache_dir, show_progress=show_progress)
     row = {"dataset": dataset.name, "split": dataset.split, "classes": len(dataset.classes),
-           "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50]}
+           "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50],
+           "notes": dataset.notes}
     for name in names:
         row[name] = accuracy(feats, heads.get(name, dataset.classes, dataset.name))
     return row
@@ -60,7 +61,7 @@ def descriptions_for(dataset: str, descriptions_dir: Path | None, cache_dir: Pat
 def _prompts(folder: Path, backbone: Backbone, data: Mapping, cfg: TrainConfig, cache_dir: Path | None,
              show_progress: bool) -> ProText:
     """Load prompts from `folder`, or train them there first (resuming an interrupted run)."""
-    if (folder / "prompts.safetensors").is_file():
+    if is_complete(folder):
         return ProText.from_pretrained(folder, backbone=backbone)
     model, _ = train(backbone, data, cfg, folder, cache_dir, resume=True, show_progress=show_progress)
     return model
@@ -192,14 +193,14 @@ def markdown(result: dict) -> str:
 
 
 def chart(result: dict, path: Path) -> Path | None:
-    """A bar chart per dataset and head; None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    """A bar chart per dataset and head, written atomically; None when no dataset ran."""
+    import io
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = result["rows"]
     if not rows:
         return None
@@ -214,9 +215,10 @@ def chart(result: dict, path: Path) -> Path | None:
     ax.set_title(f"protext {result['protocol']}")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ProtextError
+
+
+# Files are created private by mkstemp; they get the permissions any other new file would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def default_cache_dir() -> Path:
@@ -35,6 +41,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -50,8 +57,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, write)
 
 
+def finite(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None: JSON has no NaN, and a bare
+    `NaN` in a report breaks strict readers (browsers, jq, most JSON libraries)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: object, indent: int | None = 2) -> str:
+    """Strict JSON (non-finite numbers as null), non-ASCII text kept as it is."""
+    return json.dumps(finite(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
 def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (to_json(obj) + "\n").encode())
+
+
+def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
+    """Delete temporary files that a killed writer of `names` left in `folder`."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -65,6 +96,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ProtextError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sha1(*parts: str) -> str:

@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .cache import to_json
 from .errors import ProtextError
 from .presets import PRESETS
 
@@ -34,10 +35,28 @@ TRAIN_HELP = {
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     from .backbone import DEFAULT_BACKBONE
 
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="Hub id or local folder of a CLIP or BERT-style model (default: %(default)s)")
+    p.add_argument("--backbone", default=None,
+                   help=f"Hub id or local folder of a CLIP or BERT-style model (default: the one --prompts were trained "
+                        f"on, else {DEFAULT_BACKBONE}); with --prompts, checked against their weights' fingerprint")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the backbone")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache for downloads and features (default: $PROTEXT_CACHE or ~/.cache/protext)")
+
+
+def _backbone(args: argparse.Namespace):
+    """--backbone, or the default backbone when none is given."""
+    from .backbone import DEFAULT_BACKBONE, load_backbone
+
+    return load_backbone(args.backbone or DEFAULT_BACKBONE, args.revision, args.device)
+
+
+def _prompts(spec: str, args: argparse.Namespace, backbone=None):
+    """Prompts from a folder or Hub id, on --backbone when given (checked by fingerprint), else on their own."""
+    from .model import ProText
+
+    if backbone is None and args.backbone:
+        backbone = _backbone(args)
+    return ProText.from_pretrained(spec, backbone=backbone, device=args.device)
 
 
 def _train_parser(sub) -> None:
@@ -73,7 +92,7 @@ def _settings(args: argparse.Namespace, preset: str):
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from .backbone import load_backbone
+    from .backbone import DEFAULT_BACKBONE
     from .descriptions import load_descriptions, read_class_list
     from .sources import resolve
     from .train import train
@@ -84,13 +103,13 @@ def _run_train(args: argparse.Namespace) -> None:
     data = load_descriptions(path, classes)
     out = args.out or Path("prompts") / args.preset
     print(f"protext train: {len(data)} classes, {sum(map(len, data.values()))} descriptions from {path}", file=sys.stderr)
-    print(f"loading backbone {args.backbone} ...", file=sys.stderr)
-    backbone = load_backbone(args.backbone, args.revision, args.device)
+    print(f"loading backbone {args.backbone or DEFAULT_BACKBONE} ...", file=sys.stderr)
+    backbone = _backbone(args)
     model, summary = train(backbone, data, cfg, out, cache_dir=args.cache_dir, resume=args.resume,
                            show_progress=not args.no_progress, source=args.descriptions)
     if args.push_to_hub:
         summary["hub_url"] = model.push_to_hub(args.push_to_hub)
-    print(json.dumps(summary, indent=2))
+    print(to_json(summary))
     print(f"saved {summary['trainable_parameters']} prompt values to {out}/ "
           f"(load with ProText.from_pretrained('{out}'))", file=sys.stderr)
 
@@ -117,26 +136,27 @@ def _eval_text_parser(sub) -> None:
 
 
 def _run_eval_text(args: argparse.Namespace) -> None:
-    from .backbone import load_backbone
     from .cache import atomic_write_bytes, atomic_write_json
     from .descriptions import load_descriptions
     from .sources import resolve
-    from .text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
+    from .text_eval import TextEvaluator, check_base_to_novel, markdown_base_to_novel, markdown_cross, set_names
 
     if not 0 < args.holdout < 1:
         raise ProtextError(f"--holdout must be between 0 and 1, got {args.holdout}")
-    sets = {}
-    for spec in args.descriptions:
-        path = resolve(spec, args.cache_dir)
-        sets[path.stem] = load_descriptions(path)
-    backbone = load_backbone(args.backbone, args.revision, args.device)
+    paths = [resolve(spec, args.cache_dir) for spec in args.descriptions]
+    sets = {name: load_descriptions(path) for name, path in zip(set_names(paths), paths)}
+    if args.protocol != "cross-dataset":
+        for name, data in sets.items():
+            check_base_to_novel(name, data)
+    backbone = _backbone(args)
     report: dict = {"backbone": backbone.name, "holdout": args.holdout, "seed": args.eval_seed, "mask_word": args.mask_word}
     md = []
     work = args.out / "runs"
     if args.protocol in ("base2novel", "both"):
         ev = TextEvaluator(backbone, _settings(args, "base2novel"), args.cache_dir, args.eval_template, args.mask_word,
                            not args.no_progress, work)
-        report["base2novel"] = {name: ev.base_to_novel(data, args.holdout, args.eval_seed) for name, data in sets.items()}
+        report["base2novel"] = {name: ev.base_to_novel(data, args.holdout, args.eval_seed, name)
+                               for name, data in sets.items()}
         template = next(iter(report["base2novel"].values()))["template_text"]
         md += ["## Base-to-novel (top-1 %, masked held-out descriptions)", "",
                f"Template and ProText heads read \"{template}\".", "", markdown_base_to_novel(report["base2novel"]), ""]
@@ -144,7 +164,7 @@ def _run_eval_text(args: argparse.Namespace) -> None:
         source = resolve(args.source, args.cache_dir)
         ev = TextEvaluator(backbone, _settings(args, "cross-dataset"), args.cache_dir, args.eval_template, args.mask_word,
                            not args.no_progress, work)
-        targets = {n: d for n, d in sets.items() if n != source.stem}
+        targets = {n: d for n, d, p in zip(sets, sets.values(), paths) if p.resolve() != source.resolve()}
         report["cross_dataset"] = ev.cross_dataset(load_descriptions(source), targets)
         md += [f"## Cross-dataset (prompts trained on {source.stem}; top-1 %)", "", markdown_cross(report["cross_dataset"]), ""]
     md += ["## Masked examples", ""]
@@ -201,7 +221,7 @@ def _run_describe(args: argparse.Namespace) -> None:
     report = describe(read_class_list(args.classes), args.dataset_kind, args.out, generate, args.samples,
                       args.concurrency, args.max_chars, not args.no_progress)
     report["usage"] = usage.as_dict()
-    print(json.dumps(report, indent=2))
+    print(to_json(report))
     if report["failed"]:
         raise ProtextError(f"{len(report['failed'])} classes got no descriptions (kept out of {args.out}); "
                            f"rerun the same command to ask for them again")
@@ -260,7 +280,7 @@ def _run_import(args: argparse.Namespace) -> None:
 def _run_stats(args: argparse.Namespace) -> None:
     from .descriptions import load_descriptions, read_class_list, stats
 
-    print(json.dumps(stats(load_descriptions(args.file), read_class_list(args.classes) if args.classes else None), indent=2))
+    print(to_json(stats(load_descriptions(args.file), read_class_list(args.classes) if args.classes else None)))
 
 
 def _predict_parser(sub) -> None:
@@ -269,28 +289,46 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
     p.add_argument("--prompts", default=None, help="prompt folder or Hub id (default: none, plain CLIP template)")
-    p.add_argument("--descriptions", default=None, help="description JSON, for the cupl and protext+cupl heads")
+    p.add_argument("--descriptions", default=None, help="description JSON or set name (cupl:NAME), for the cupl and "
+                                                        "protext+cupl heads")
     p.add_argument("--head", default=None, help="clip, clip80, cupl, protext or protext+cupl (default: protext with "
                                                 "--prompts, else cupl with --descriptions, else clip)")
     p.add_argument("--dataset", default=None, help="dataset name whose templates to use (e.g. oxford_pets)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="labels printed per image (default: %(default)s)")
     _add_backbone_args(p)
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> None:
-    from .descriptions import read_class_list
+    from .descriptions import load_descriptions, read_class_list
+    from .sources import resolve
     from .zeroshot import ProTextClassifier
 
-    backbone = None if args.prompts else args.backbone
-    clf = ProTextClassifier(backbone, read_class_list(args.classes), prompts=args.prompts,
-                            descriptions=args.descriptions, head=args.head, dataset=args.dataset,
-                            cache_dir=args.cache_dir, device=args.device)
+    if args.top_k < 1:
+        raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
+    classes = read_class_list(args.classes)
+    prompts = _prompts(args.prompts, args) if args.prompts else None
+    backbone = prompts.backbone if prompts is not None else _backbone(args)
+    descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
+    clf = ProTextClassifier(backbone, classes, prompts=prompts, descriptions=descriptions, head=args.head,
+                            dataset=args.dataset, cache_dir=args.cache_dir)
+    _report_fallbacks(clf.heads)
     pred = clf.predict(args.images)
     for name, top in zip(pred.inputs, pred.top(args.top_k)):
-        print(json.dumps({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top]}))
+        print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top]}, indent=None))
     for name, reason in pred.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    if not pred.inputs:
+        raise ProtextError(f"none of the {len(pred.skipped)} images could be read (see 'skipped' above)")
+
+
+def _report_fallbacks(heads) -> None:
+    """Say which classes the cupl head gave the plain template, for want of descriptions."""
+    for (classes, _), missing in heads.fallbacks.items():
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            print(f"cupl head: no descriptions for {len(missing)} of {len(classes)} classes, which use the plain "
+                  f"template instead: {shown}", file=sys.stderr)
 
 
 def _eval_parser(sub) -> None:
@@ -315,28 +353,29 @@ def _eval_parser(sub) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from .backbone import load_backbone
     from .benchmark import evaluate
     from .cache import atomic_write_json
     from .datasets import base_novel, load_dataset
     from .descriptions import load_descriptions
-    from .model import ProText
     from .sources import resolve
     from .zeroshot import Heads
 
     dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
-    prompts = ProText.from_pretrained(args.prompts, device=args.device) if args.prompts else None
-    backbone = prompts.backbone if prompts else load_backbone(args.backbone, args.revision, args.device)
+    prompts = _prompts(args.prompts, args) if args.prompts else None
+    backbone = prompts.backbone if prompts else _backbone(args)
     descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
     heads = args.heads.split(",") if args.heads else (["clip"] + (["cupl"] if descriptions else [])
                                                       + (["protext"] if prompts else []))
-    row = evaluate(backbone, dataset, Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset), heads,
-                   args.cache_dir, not args.no_progress)
+    built = Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset)
+    row = evaluate(backbone, dataset, built, heads, args.cache_dir, not args.no_progress)
+    _report_fallbacks(built)
     if args.out:
         atomic_write_json(args.out, row)
-    print(json.dumps({k: v for k, v in row.items() if k != "skipped_files"}, indent=2))
+    print(to_json({k: v for k, v in row.items() if k != "skipped_files"}))
     for name, reason in row["skipped_files"]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    for note in dataset.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _benchmark_parser(sub) -> None:
@@ -360,23 +399,22 @@ def _benchmark_parser(sub) -> None:
 
 def _run_benchmark(args: argparse.Namespace) -> None:
     from . import benchmark as bm
-    from .backbone import load_backbone
     from .descriptions import load_descriptions
-    from .model import ProText
+    from .model import ProText, is_complete
     from .sources import fetch
     from .train import train
 
     show = not args.no_progress
-    backbone = load_backbone(args.backbone, args.revision, args.device)
+    backbone = _backbone(args)
     names = args.datasets.split(",") if args.datasets else None
     proto = args.protocol
     if proto in ("cross-dataset", "domain-generalization"):
         if args.prompts:
-            prompts = ProText.from_pretrained(args.prompts, backbone=backbone)
+            prompts = _prompts(args.prompts, args, backbone)
         else:
             preset = "cross-dataset" if proto == "cross-dataset" else "imagenet-200ep"
             folder = args.out / f"prompts-{preset}"
-            if (folder / "prompts.safetensors").is_file():
+            if is_complete(folder):
                 prompts = ProText.from_pretrained(folder, backbone=backbone)
             else:
                 data = load_descriptions(fetch("cupl:imagenet", args.cache_dir))

@@ -1,6 +1,8 @@
 """Image datasets: the CoOp folder layouts and split files, image folders, and CSV files.
 
-Every loader returns a `Dataset`: class names in label order and (path, label) samples.
+Every loader returns a `Dataset`: class names in label order, (path, label) samples, and
+notes on what looks wrong but is not fatal (class folders without images), for the CLI to
+print. Text files may start with a UTF-8 BOM, as Excel and Notepad write them.
 The CoOp layouts (DATASETS.md of CoOp) under one data root:
 
     caltech-101/101_ObjectCategories/   caltech-101/split_zhou_Caltech101.json
@@ -25,9 +27,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence, TextIO
 
 from .errors import ProtextError
 from .images import list_images
@@ -58,10 +60,13 @@ DOMAIN_SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 @dataclass
 class Dataset:
+    """`notes`: warnings for the user, e.g. classes kept (so labels keep their order) without images."""
+
     name: str
     split: str
     classes: list[str]
     samples: list[tuple[Path, int]]
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -92,6 +97,36 @@ def load_dataset(name: str, root: str | Path, split: str = "test") -> Dataset:
     raise ProtextError(f"unknown dataset {name!r}; choose from folder, csv, {', '.join(DATASETS)}")
 
 
+def _read_text(path: Path) -> str:
+    """UTF-8 text without a leading BOM, which would otherwise stick to the first line's first field."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ProtextError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+
+
+def _class_folders(folder: Path, names: Sequence[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image, label) for the images in each `folder/<name>`, label = position in `names`; and the
+    names whose folder is missing or holds no images."""
+    samples, empty = [], []
+    for label, name in enumerate(names):
+        images = list_images(folder / name)
+        samples.extend((p, label) for p in images)
+        if not images:
+            empty.append(name)
+    return samples, empty
+
+
+def _empty_note(folder: Path, empty: Sequence[str], total: int, shown: int = 10) -> list[str]:
+    """One note naming the class folders under `folder` without images; such classes are kept so
+    that labels keep their order, but they only ever act as distractors."""
+    if not empty:
+        return []
+    more = f", ... and {len(empty) - shown} more" if len(empty) > shown else ""
+    return [f"{folder}: {len(empty)} of {total} class folders are missing or hold no images; their classes are kept "
+            f"with no images: {', '.join(empty[:shown])}{more}"]
+
+
 def _dataset_dir(root: Path, folder: str, marker: str) -> Path:
     """The dataset folder: `root/folder`, or `root` itself when it already is that folder."""
     for candidate in (root / folder, root):
@@ -114,7 +149,7 @@ def _split_file_dataset(name: str, root: Path, split: str) -> Dataset:
     base = _dataset_dir(root, folder, split_file)
     path = base / split_file
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ProtextError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
     if not isinstance(raw, dict) or split not in raw:
@@ -140,13 +175,13 @@ def _dense(names: dict[int, str], where: Path | str) -> list[str]:
 
 def _aircraft(root: Path, split: str) -> Dataset:
     base = _dataset_dir(root, "fgvc_aircraft", "variants.txt")
-    variants = [v.strip() for v in (base / "variants.txt").read_text().splitlines() if v.strip()]
+    variants = [v.strip() for v in _read_text(base / "variants.txt").splitlines() if v.strip()]
     index = {v: i for i, v in enumerate(variants)}
     listing = base / f"images_variant_{split}.txt"
     if not listing.is_file():
         raise ProtextError(f"expected {listing} (lines 'image_id variant')")
     samples = []
-    for n, line in enumerate(listing.read_text().splitlines()):
+    for n, line in enumerate(_read_text(listing).splitlines()):
         if not line.strip():
             continue
         image_id, _, variant = line.strip().partition(" ")
@@ -161,7 +196,7 @@ def read_imagenet_classnames(candidates: list[Path]) -> dict[str, str]:
     for path in candidates:
         if path.is_file():
             out = {}
-            for n, line in enumerate(path.read_text().splitlines()):
+            for n, line in enumerate(_read_text(path).splitlines()):
                 wnid, _, cname = line.strip().partition(" ")
                 if not wnid:
                     continue
@@ -180,8 +215,8 @@ def _imagenet(root: Path, split: str) -> Dataset:
     folder = base / "images" / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise ProtextError(f"expected {folder} with one folder per wnid")
-    samples = [(p, i) for i, w in enumerate(wnids) for p in list_images(folder / w)]
-    return Dataset("imagenet", split, [names[w] for w in wnids], samples)
+    samples, empty = _class_folders(folder, wnids)
+    return Dataset("imagenet", split, [names[w] for w in wnids], samples, _empty_note(folder, empty, len(wnids)))
 
 
 def _imagenet_variant(name: str, root: Path) -> Dataset:
@@ -197,40 +232,58 @@ def _imagenet_variant(name: str, root: Path) -> Dataset:
         if unknown:
             raise ProtextError(f"{images}: folders {unknown[:3]} are not wnids listed in classnames.txt")
         keep = [w for w in wnids if w in set(present)]  # A and R hold 200 of the 1000 classes
-        samples = [(p, i) for i, w in enumerate(keep) for p in list_images(images / w)]
-        return Dataset(name, "test", [names[w] for w in keep], samples)
-    samples = [(p, int(d)) for d in present if d.isdigit() for p in list_images(images / d)]
-    return Dataset(name, "test", [names[w] for w in wnids], samples)
+        samples, empty = _class_folders(images, keep)
+        return Dataset(name, "test", [names[w] for w in keep], samples, _empty_note(images, empty, len(keep)))
+    numbered = {int(d): d for d in present if d.isdigit()}  # folders 0..999, in classnames.txt order
+    beyond = [d for i, d in sorted(numbered.items()) if i >= len(wnids)]
+    if beyond:
+        raise ProtextError(f"{images}: folders {beyond[:3]} are not class numbers 0..{len(wnids) - 1} of classnames.txt")
+    samples, empty = _class_folders(images, [numbered.get(i, str(i)) for i in range(len(wnids))])
+    return Dataset(name, "test", [names[w] for w in wnids], samples, _empty_note(images, empty, len(wnids)))
 
 
 def image_folder(root: Path, split: str = "test") -> Dataset:
-    """root/<class name>/<image>: classes in sorted folder order."""
+    """root/<class name>/<image>: classes in sorted folder order; empty class folders are noted."""
     if not root.is_dir():
         raise ProtextError(f"{root}: expected a folder with one sub-folder of images per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ProtextError(f"{root}: no class sub-folders (expected {root}/<class name>/<image>)")
-    samples = [(p, i) for i, c in enumerate(classes) for p in list_images(root / c)]
-    return Dataset(root.name, split, [display_name(c) for c in classes], samples)
+    samples, empty = _class_folders(root, classes)
+    return Dataset(root.name, split, [display_name(c) for c in classes], samples, _empty_note(root, empty, len(classes)))
 
 
 def csv_dataset(path: Path, split: str = "test") -> Dataset:
     """A CSV of `path,label` (label = class name; a header row is allowed); paths relative to the CSV."""
     if not path.is_file():
         raise ProtextError(f"{path}: no such CSV file (expected rows 'path,label')")
-    rows = list(csv.reader(path.read_text().splitlines()))
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
     classes: dict[str, int] = {}
     samples = []
-    for n, row in enumerate(rows):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2:
-            raise ProtextError(f"{path}, line {n + 1}: expected 'path,label', got {row!r}")
-        image, label = row[0].strip(), display_name(row[1])
-        samples.append((path.parent / image, classes.setdefault(label, len(classes))))
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        for line, row in _csv_rows(f, path):
+            if line == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                continue
+            if len(row) != 2:
+                raise ProtextError(f"{path}, line {line}: expected 'path,label', got {row!r}")
+            image, label = row[0].strip(), display_name(row[1])
+            samples.append((path.parent / image, classes.setdefault(label, len(classes))))
     return Dataset(path.stem, split, list(classes), samples)
+
+
+def _csv_rows(f: TextIO, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line the row starts on, row) for the non-blank rows; a quoted field may span lines, so
+    the count comes from the reader, not from splitting the text."""
+    reader = csv.reader(f)
+    start = 1
+    try:
+        for row in reader:
+            if row and "".join(row).strip():
+                yield start, row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ProtextError(f"{path}, line {reader.line_num}: {e} (expected rows 'path,label')") from e
+    except UnicodeDecodeError as e:
+        raise ProtextError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from e
 
 
 def split_base_novel(classes: Sequence) -> tuple[list, list]:
@@ -249,4 +302,4 @@ def base_novel(dataset: Dataset, subset: str) -> Dataset:
     keep = base if subset == "base" else novel
     remap = {old: new for new, old in enumerate(keep)}
     samples = [(p, remap[label]) for p, label in dataset.samples if label in remap]
-    return Dataset(dataset.name, dataset.split, [dataset.classes[i] for i in keep], samples)
+    return Dataset(dataset.name, dataset.split, [dataset.classes[i] for i in keep], samples, dataset.notes)

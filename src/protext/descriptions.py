@@ -1,13 +1,18 @@
 """Class descriptions: `{class name: [sentence, ...]}` JSON files, checked and normalised.
 
-Class names are matched after normalising (lower case, `_` as space, single spaces), because
-description files and dataset split files spell the same class differently ("Abyssinian",
-"abyssinian", "annual_crop"). Every problem is reported with the file and the key.
+Class names are matched after normalising (Unicode NFC, lower case, `_` as space, single
+spaces), because description files and dataset split files spell the same class differently
+("Abyssinian", "abyssinian", "annual_crop", "café" composed or as "e" + accent as macOS file
+names have it). Every problem is reported with the file and the key.
+
+Files are UTF-8, with or without a byte-order mark (Windows editors write one).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -15,7 +20,54 @@ from .errors import ProtextError
 
 
 def normalize_name(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).lower()
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).lower()
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text without its byte-order mark, or a ProtextError saying what is wrong."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as e:
+        raise ProtextError(f"{path}: no such {what}") from e
+    except IsADirectoryError as e:
+        raise ProtextError(f"{path}: is a folder, not a {what}") from e
+    except UnicodeDecodeError as e:
+        raise ProtextError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:
+        raise ProtextError(f"{path}: cannot read the {what} ({e.strerror})") from e
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """Decode a JSON file, rejecting a key repeated within one object.
+
+    `json.loads` would keep the last of two equal keys and silently drop the first one's list.
+    """
+    path = Path(path)
+    text = read_text(path, what)
+
+    def unique_keys(items: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in items:
+            if key in out:
+                raise ProtextError(f"{path}: key {key!r} appears twice{_line_of_repeat(text, key)}; "
+                                   f"JSON keeps only the last, so merge the two")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise ProtextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+
+
+def _line_of_repeat(text: str, key: str) -> str:
+    """The " (line N)" of the key's second occurrence as written: the decoder does not tell the hook
+    where it is. Empty when the file spells the key with escapes this search does not match."""
+    starts = [m.start() for m in re.finditer(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:", text)]
+    if len(starts) < 2:
+        return ""
+    line = text.count("\n", 0, starts[1]) + 1
+    return f" (line {line})"
 
 
 def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
@@ -51,16 +103,7 @@ def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
 
 def load_descriptions(path: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a description file; with `classes`, keep those (in that order) and fail on any missing."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ProtextError(f"{path}: no such description file") from e
-    except UnicodeDecodeError as e:
-        raise ProtextError(f"{path}: not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise ProtextError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
-    data = parse_descriptions(raw, str(path))
+    data = parse_descriptions(read_json(path, "description file"), str(path))
     return select_classes(data, classes, str(path)) if classes is not None else data
 
 
@@ -74,24 +117,38 @@ def select_classes(data: Mapping[str, list[str]], classes: Sequence[str], where:
     return {n: list(data[n]) for n in names}
 
 
+_CLASS_FILE_ENDINGS = (".txt", ".json", ".csv", ".tsv")
+
+
+def _looks_like_file(spec: str) -> bool:
+    """A --classes value meant as a file: a folder separator or a list-file ending, and no comma."""
+    return "," not in spec and ("/" in spec or "\\" in spec or spec.strip().lower().endswith(_CLASS_FILE_ENDINGS))
+
+
 def read_class_list(spec: str) -> list[str]:
-    """Classes from a file (one per line, or a JSON list) or a comma-separated string."""
-    path = Path(spec)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            try:
-                names = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ProtextError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ProtextError(f"{path}: expected a JSON list of class names")
-        else:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
+    """Classes from a file (one per line, or a JSON list) or a comma-separated string.
+
+    A value that looks like a file but is none is an error rather than one class name, so a
+    mistyped `--classes ../classes.tx` cannot label every image "../classes.tx".
+    """
+    path, file_like = Path(spec), _looks_like_file(spec)
+    if path.is_file() or (file_like and path.exists()):
+        names = _class_file(path)  # a folder fails here with a clear message
+    elif file_like:
+        raise ProtextError(f"{spec}: no such class file; if it is a class name, end it with a comma: {spec + ','!r}")
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise ProtextError(f"no class names in {spec!r}")
+    return names
+
+
+def _class_file(path: Path) -> list[str]:
+    if path.suffix.lower() != ".json":
+        return [line.strip() for line in read_text(path, "class file").splitlines() if line.strip()]
+    names = read_json(path, "class file")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProtextError(f"{path}: expected a JSON list of class names")
     return names
 
 

@@ -3,7 +3,9 @@
 Decoding and preprocessing run in a thread pool (PIL releases the GIL) while the main
 thread runs the image tower, so the CPU or GPU is kept busy. Each finished chunk is
 stored atomically before the next starts: an interrupted extraction resumes where it
-stopped. Unreadable files (corrupt, truncated, missing) are skipped, counted and listed.
+stopped. Unreadable files (corrupt, truncated, missing, too large: see `images.load_pixels`)
+are skipped, counted and listed. The cache is keyed by the image tower's own fingerprint,
+so new vision weights saved under the same name never reuse old features.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .backbone import Backbone
 from .cache import FeatureStore, default_cache_dir, sha1
 from .datasets import Dataset
 from .errors import ProtextError
-from .images import UNREADABLE, open_image, preprocess
+from .images import UnreadableImage, load_pixels
 
 
 @dataclass
@@ -42,7 +44,8 @@ def image_key(path: Path) -> str:
 
 
 def image_store(backbone: Backbone, dataset: str, cache_dir: Path | None = None) -> FeatureStore:
-    key = sha1(backbone.name, str(backbone.revision), backbone.fingerprint())[:12]
+    """The features of `dataset` under this image tower: its weights and preprocessing, not the text tower's."""
+    key = sha1(backbone.name, str(backbone.revision), backbone.image.fingerprint())[:12]
     return FeatureStore(Path(cache_dir or default_cache_dir()) / "image" / key / dataset)
 
 
@@ -62,9 +65,9 @@ def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None,
 
     def decode(i: int) -> torch.Tensor | str:
         try:
-            return preprocess(open_image(paths[i]), tower.image_size, tower.mean, tower.std)
-        except UNREADABLE as e:
-            return f"{e.__class__.__name__}: {e}"
+            return load_pixels(paths[i], tower.image_size, tower.mean, tower.std)
+        except UnreadableImage as e:
+            return str(e)
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=f"image features {dataset.name}",

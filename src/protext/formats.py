@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from .descriptions import load_descriptions, parse_descriptions
+from .descriptions import load_descriptions, parse_descriptions, read_json, read_text
 from .errors import ProtextError
 
 FORMATS = ("cupl", "dclip", "text")
@@ -29,10 +28,7 @@ def descriptor_sentence(name: str, descriptor: str) -> str:
 
 
 def from_dclip(path: Path) -> dict[str, list[str]]:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ProtextError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    raw = read_json(path, "DCLIP descriptor file")
     checked = parse_descriptions(raw, str(path))  # same checks: object, lists of strings
     return {name: [descriptor_sentence(name, d) for d in items] for name, items in checked.items()}
 
@@ -44,12 +40,7 @@ def from_text_folder(folder: Path) -> dict[str, list[str]]:
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise ProtextError(f"{folder}: no .txt files (one per class, one sentence per line)")
-    raw = {}
-    for f in files:
-        try:
-            raw[f.stem] = [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as e:
-            raise ProtextError(f"{f}: not UTF-8 text") from e
+    raw = {f.stem: [line for line in read_text(f, "description file").splitlines() if line.strip()] for f in files}
     return parse_descriptions(raw, str(folder))
 
 

@@ -4,6 +4,11 @@ resize the short side to `size` (bicubic), centre-crop `size` x `size`, scale to
 normalise with the model's mean and std: the same numbers as `transformers`' CLIP image
 processor (a test holds them to 1e-4). Any PIL mode is accepted: greyscale, palette,
 RGBA, CMYK and 16-bit images are converted to 8-bit RGB first.
+
+`load_pixels` is the one place that decides what an unusable image is: any failure to
+open, decode or preprocess it (a corrupt or truncated file, a decompression bomb, running
+out of memory) becomes `UnreadableImage`, which callers list as skipped instead of
+losing every other result.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-# What PIL raises for missing, corrupt or truncated files: such images are skipped, not fatal.
-UNREADABLE = (OSError, ValueError, SyntaxError)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class UnreadableImage(Exception):
+    """An image that could not be turned into pixels; the message is "<error class>: <error>"."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -54,6 +61,20 @@ def open_image(path: str | Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return im.copy()
+
+
+def load_pixels(image: str | Path | Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`preprocess` of a file or PIL image; raises `UnreadableImage` for any failure.
+
+    PIL fails in many ways besides OSError: DecompressionBombError for images over twice
+    `Image.MAX_IMAGE_PIXELS`, SyntaxError and ValueError from some decoders, MemoryError for
+    huge ones. One bad image must never cost the results of the others, so every Exception
+    counts (KeyboardInterrupt and SystemExit still stop the run).
+    """
+    try:
+        return preprocess(open_image(image) if isinstance(image, (str, Path)) else image, size, mean, std)
+    except Exception as e:
+        raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -8,6 +8,7 @@ replace the hidden states at the same positions before the matching transformer 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,14 +17,16 @@ import torch
 from torch import nn
 
 from .backbone import Backbone, load_backbone
-from .cache import atomic_save_tensors, atomic_write_json, load_tensors
+from .cache import atomic_save_tensors, atomic_write_json, file_sha256, load_tensors, remove_stale_temporaries
 from .errors import ProtextError
+from .templates import check_template
 from .text_encoder import Tokens, pad
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "protext_config.json"
 INIT_PHRASE = "a photo of a"
 DEFAULT_TEMPLATE = "a photo of a {}."
+FORMAT_VERSION = 1  # of protext_config.json; readers ignore keys they do not know
 
 
 @dataclass
@@ -39,6 +42,8 @@ class PromptConfig:
     width: int = 0
     fingerprint: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    prompts_sha256: str = ""  # digest of the prompts file this config was written with
+    format_version: int = FORMAT_VERSION
 
     @property
     def placeholder(self) -> str:
@@ -55,8 +60,7 @@ def resolve_init(n_ctx: int, init: str | None) -> str | None:
 
 def prompted_text(template: str, name: str, placeholder: str) -> str:
     """`template` with its leading "a photo of a" (if any) replaced by the placeholder words."""
-    if "{}" not in template:
-        raise ProtextError(f"template {template!r} has no '{{}}' where the class name goes")
+    check_template(template)
     rest = template[len(INIT_PHRASE):].lstrip() if template.lower().startswith(INIT_PHRASE) else template
     return f"{placeholder} {rest.format(name)}"
 
@@ -71,6 +75,12 @@ class ProText(nn.Module):
             raise ProtextError(f"depth must be between 1 and {text.num_layers} for '{backbone.name}', got {config.depth}")
         if config.n_ctx < 1:
             raise ProtextError(f"n_ctx must be at least 1, got {config.n_ctx}")
+        fixed = text.count_words(prompted_text(config.template, "", config.placeholder)) + 2  # + start and end
+        if fixed > text.max_length:
+            raise ProtextError(
+                f"n_ctx {config.n_ctx} with template {config.template!r} takes {fixed} tokens, more than the "
+                f"{text.max_length}-token context of '{backbone.name}'; use a smaller n_ctx"
+            )
         got = text.count_words(config.placeholder)
         if got != config.n_ctx:
             raise ProtextError(
@@ -122,11 +132,17 @@ class ProText(nn.Module):
 
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write `prompts.safetensors` and `protext_config.json` (atomically) into `folder`."""
+        """Write `prompts.safetensors`, then `protext_config.json` naming its digest.
+
+        Each file is written atomically and the config last, so a folder whose config is
+        missing, or names other prompt bytes, was interrupted mid-save (see `is_complete`).
+        """
         folder = Path(folder)
         atomic_save_tensors(folder / PROMPTS_FILE, {"prompts": self.prompts.detach().float()},
                             {"format": "protext", "backbone": self.config.backbone})
+        self.config.prompts_sha256 = file_sha256(folder / PROMPTS_FILE)
         atomic_write_json(folder / CONFIG_FILE, asdict(self.config))
+        remove_stale_temporaries(folder, (PROMPTS_FILE, CONFIG_FILE))
         return folder
 
     @classmethod
@@ -135,11 +151,14 @@ class ProText(nn.Module):
         """Load prompts from a folder or a Hub repo id; load their backbone unless one is given."""
         folder = _prompt_folder(source, revision)
         config = read_config(folder / CONFIG_FILE)
+        if not is_complete(folder):
+            raise ProtextError(f"{folder}: {PROMPTS_FILE} is not the file {CONFIG_FILE} was written for; the save "
+                               f"was interrupted; train again (a training run continues with --resume)")
         tensors = load_tensors(folder / PROMPTS_FILE)
         if "prompts" not in tensors:
             raise ProtextError(f"{folder / PROMPTS_FILE}: no tensor named 'prompts' (found {sorted(tensors)})")
         if backbone is None:
-            backbone = load_backbone(config.backbone, config.revision, device)
+            backbone = _trained_backbone(config, folder, device)
         check_backbone(config, backbone, folder)
         return cls(backbone, config, tensors["prompts"])
 
@@ -158,20 +177,50 @@ class ProText(nn.Module):
 
 
 def read_config(path: Path) -> PromptConfig:
+    """Read a prompt config; keys a newer protext added are ignored with a warning."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError as e:
         raise ProtextError(f"{path}: missing; a prompt folder holds {CONFIG_FILE} and {PROMPTS_FILE}") from e
-    except json.JSONDecodeError as e:
-        raise ProtextError(f"{path}: not valid JSON ({e})") from e
-    known = set(PromptConfig.__dataclass_fields__)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtextError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(raw, dict):
+        raise ProtextError(f"{path}: expected a JSON object")
     for key in ("backbone", "n_ctx", "depth"):
         if key not in raw:
             raise ProtextError(f"{path}: missing key '{key}'")
-    unknown = set(raw) - known
-    if unknown:
-        raise ProtextError(f"{path}: unknown keys {sorted(unknown)}")
-    return PromptConfig(**raw)
+    known = set(PromptConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown or raw.get("format_version", 1) > FORMAT_VERSION:
+        warnings.warn(f"{path}: written by a newer protext (format {raw.get('format_version', 1)}, this one reads "
+                      f"{FORMAT_VERSION}); ignoring keys {unknown}", stacklevel=2)
+    for key, kind in (("n_ctx", int), ("depth", int), ("backbone", str)):
+        if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
+            raise ProtextError(f"{path}: '{key}' should be {kind.__name__}, got {raw[key]!r}")
+    return PromptConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Both files are there and the config was written for these prompt bytes."""
+    folder = Path(folder)
+    if not (folder / PROMPTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        return False
+    try:
+        digest = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("prompts_sha256", "")
+    except (ValueError, AttributeError):
+        return False
+    return not digest or digest == file_sha256(folder / PROMPTS_FILE)  # no digest: written before it was recorded
+
+
+def _trained_backbone(config: PromptConfig, folder: Path, device: str | None) -> Backbone:
+    """The backbone the prompts name: a Hub id (at its revision) or an absolute folder."""
+    if Path(config.backbone).is_absolute() and not Path(config.backbone).is_dir():
+        raise ProtextError(
+            f"{folder}: the prompts were trained on the backbone folder {config.backbone}, which is not on this "
+            f"machine; pass the folder (or Hub id) of the same weights as --backbone (backbone= in Python): it is "
+            f"checked against the weights' fingerprint {config.fingerprint}"
+        )
+    return load_backbone(config.backbone, config.revision, device)
 
 
 def check_backbone(config: PromptConfig, backbone: Backbone, where: Path | str) -> None:

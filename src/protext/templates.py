@@ -3,6 +3,20 @@
 `{}` is the class name. Dataset keys are protext's dataset names (see datasets.py).
 """
 
+from .errors import ProtextError
+
+
+def check_template(template: str) -> None:
+    """A template holds exactly one '{}' (the class name) and no other braces."""
+    try:
+        ok = template.count("{}") == 1 and template.format("x") == template.replace("{}", "x")
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ProtextError(f"template {template!r} must hold exactly one '{{}}' (where the class name goes) "
+                           f"and no other braces")
+
+
 # The 80 templates of CLIP's ImageNet prompt ensemble ("CLIP-80").
 IMAGENET_80 = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -74,7 +88,7 @@ _SET_DATASETS = {
 
 def dataset_of(set_name: str) -> str | None:
     """The dataset a description set belongs to, so its class names get that dataset's templates."""
-    name = set_name.lower().removeprefix("cupl:").removeprefix("cupl-")
+    name = set_name.lower().rsplit("/", 1)[-1].removeprefix("cupl:").removeprefix("cupl-")
     for suffix in ("_prompts_full", "_prompts_base", "_prompts", "_prompt"):
         name = name.removesuffix(suffix)
     name = _SET_DATASETS.get(name, name)

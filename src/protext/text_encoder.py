@@ -18,16 +18,38 @@ as sentence-transformers encoders such as all-MiniLM-L6-v2 are used). The weight
 Because CLIP's mask is causal and it pools at EOT, tokens after EOT cannot change the
 feature: a batch may be cut to its longest sequence with no change in the result. BERT's
 padding mask gives the same guarantee.
+
+CLIP text is cleaned as OpenAI's tokenizer cleaned it in training (`clip_clean`) before
+`transformers`' tokenizer sees it; that one only applies NFC, collapses whitespace and lowers
+case, so curly quotes and HTML entities would otherwise become other tokens.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
+import ftfy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clip_clean(text: str) -> str:
+    """`text` as OpenAI CLIP's simple_tokenizer.py hands it to BPE: ftfy.fix_text, HTML unescaped
+    twice, whitespace collapsed, lower case.
+
+    The model was trained on these tokens: ftfy turns "world’s" into "world's" (the `'s`
+    token) and "&amp;" becomes "&". It is idempotent (text with entities escaped three times
+    aside), and the NFC, whitespace and case rules `transformers`' normalizer applies afterwards
+    leave its output as it is.
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return _WHITESPACE.sub(" ", text).strip().lower()
 
 
 @dataclass
@@ -83,9 +105,17 @@ class TextTower(nn.Module):
         return 0 if pad is None else int(pad)
 
     # -- tokenization ------------------------------------------------------------------
+    # Names the text-cleaning rule; cached features are keyed by it, so a change of rule
+    # never serves features of text that was tokenized another way.
+    text_rule = "plain"
+
+    def clean(self, text: str) -> str:
+        """Text as the tokenizer should see it; unchanged unless the model was trained on cleaned text."""
+        return text
+
     def token_lists(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with special tokens, cut at the model's context length."""
-        out = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+        out = self.tokenizer([self.clean(t) for t in texts], truncation=True, max_length=self.max_length, padding=False)
         return [list(ids) for ids in out["input_ids"]]
 
     def tokenize(self, texts: Sequence[str], length: int | None = None) -> Tokens:
@@ -93,7 +123,7 @@ class TextTower(nn.Module):
 
     def count_words(self, phrase: str) -> int:
         """How many tokens `phrase` takes, special tokens excluded."""
-        return len(self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(self.clean(phrase), add_special_tokens=False)["input_ids"])
 
     # -- the three places the towers differ ----------------------------------------------
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +191,11 @@ class ClipText(TextTower):
     @property
     def feature_dim(self) -> int:
         return self.projection.out_features
+
+    text_rule = "openai-clip-clean"
+
+    def clean(self, text: str) -> str:
+        return clip_clean(text)
 
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.position_embedding.weight[: x.shape[1]]

@@ -29,9 +29,10 @@ from typing import Mapping, Sequence
 import torch
 
 from .backbone import Backbone
+from .errors import ProtextError
 from .cache import sha1
 from .datasets import split_base_novel
-from .model import ProText
+from .model import ProText, is_complete
 from .templates import dataset_of, protext_template
 from .train import TrainConfig, encode_texts, train
 from .zeroshot import ensemble, harmonic_mean, top1
@@ -56,6 +57,16 @@ def mask_class_name(sentence: str, name: str, word: str = "thing") -> str:
     return re.sub(rf"\b{re.escape(word)}(?:[\s-]+{re.escape(word)}\b)+", word, out, flags=re.IGNORECASE)
 
 
+def set_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct name per description file: its stem, with parent folders added where stems clash."""
+    names = [p.stem for p in paths]
+    depth = 1
+    while len(set(names)) < len(names) and depth < 8:
+        depth += 1
+        names = ["/".join(p.with_suffix("").parts[-depth:]) if names.count(n) > 1 else n for n, p in zip(names, paths)]
+    if len(set(names)) < len(names):
+        raise ProtextError(f"description files given twice: {', '.join(str(p) for p in paths)}")
+    return names
 
 
 def hold_out(data: Mapping[str, Sequence[str]], fraction: float, seed: int) -> tuple[dict, dict]:
@@ -88,8 +99,10 @@ def make_queries(data: Mapping[str, Sequence[str]], classes: Sequence[str], mask
     return Queries(texts, torch.tensor(labels), originals)
 
 
-
-
+def check_base_to_novel(name: str, data: Mapping[str, Sequence[str]]) -> None:
+    """Refuse a set that has no novel half, before any work starts."""
+    if len(data) < 2:
+        raise ProtextError(f"{name}: base-to-novel needs at least 2 classes (base and novel), it has {len(data)}")
 
 
 class TextEvaluator:
@@ -110,9 +123,10 @@ class TextEvaluator:
 
     def train_prompts(self, data: Mapping[str, Sequence[str]]) -> ProText:
         """Train (or reuse the finished run for exactly these descriptions and settings)."""
-        key = sha1(self.backbone.fingerprint(), json.dumps(data), json.dumps(asdict(self.cfg)))[:16]
+        key = sha1(self.backbone.fingerprint(), self.backbone.text.text_rule, json.dumps(data),
+                   json.dumps(asdict(self.cfg)))[:16]
         out = self.work_dir / key
-        if (out / "prompts.safetensors").exists():
+        if is_complete(out):
             return ProText.from_pretrained(out, backbone=self.backbone)
         model, _ = train(self.backbone, data, self.cfg, out, self.cache_dir, resume=True,
                          show_progress=self.show_progress)
@@ -129,7 +143,9 @@ class TextEvaluator:
             heads["ensemble"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
         return {name: top1(q, queries.labels, w) for name, w in heads.items()}
 
-    def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1) -> dict:
+    def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
+                      name: str = "descriptions") -> dict:
+        check_base_to_novel(name, data)
         classes = list(data)
         template = self.template or protext_template(None, cross_dataset=False)
         base, novel = split_base_novel(classes)
@@ -157,8 +173,6 @@ class TextEvaluator:
             out[name] = {**self.score(q, classes, model, None, template), "classes": len(classes),
                          "queries": len(q.texts), "template_text": template, "examples": examples(q, classes, 2)}
         return out
-
-
 
 
 def examples(q: Queries, classes: Sequence[str], k: int) -> list[dict]:

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .cache import FeatureStore, atomic_save_tensors, default_cache_dir, load_tensors, sha1
-from .descriptions import pairs
+from .descriptions import pairs, read_json, read_text
 from .errors import ProtextError
 from .model import ProText
 from .presets import PRESETS
+from .templates import check_template
 from .text_encoder import pad
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -57,6 +58,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
         if isinstance(self.init, str) and self.init.strip().lower() in ("", "none"):
             self.init = None
         if self.loss not in ("mse", "l1"):
@@ -64,10 +67,28 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ProtextError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         for name in ("epochs", "batch_size", "n_ctx", "depth"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ProtextError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.lr <= 0:
-            raise ProtextError("warmup_epochs must be >= 0 and lr > 0")
+        if self.warmup_epochs < 0 or self.lr <= 0 or self.warmup_lr <= 0:
+            raise ProtextError("warmup_epochs must be >= 0, and lr and warmup_lr > 0")
+        check_template(self.template)
+
+
+# What each setting accepts; a float setting takes an int too ("lr = 1" in a config file).
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "str": (str,), "str | None": (str, type(None))}
+
+
+def check_setting(name: str, value: Any, where: str = "") -> Any:
+    """`value` if it has the setting's type (and is finite), else an error naming the setting."""
+    kind = TrainConfig.__dataclass_fields__[name].type
+    allowed = _KINDS[kind]
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        expected = {"int": "a whole number", "float": "a number", "str": "a string",
+                    "str | None": "a string (or null for random init)"}[kind]
+        raise ProtextError(f"{where}setting '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtextError(f"{where}setting '{name}' must be a finite number, got {value!r}")
+    return float(value) if kind == "float" else value
 
 
 def make_config(preset: str | None = None, config_file: str | Path | None = None,
@@ -81,23 +102,21 @@ def make_config(preset: str | None = None, config_file: str | Path | None = None
     known = {f.name for f in fields(TrainConfig)}
     if config_file is not None:
         path = Path(config_file)
-        try:
-            if path.suffix == ".toml":
-                import tomllib
+        if path.suffix == ".toml":
+            import tomllib
 
-                loaded = tomllib.loads(path.read_text())
-            else:
-                loaded = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise ProtextError(f"{path}: no such config file") from e
-        except ValueError as e:
-            raise ProtextError(f"{path}: cannot parse ({e})") from e
+            try:
+                loaded = tomllib.loads(read_text(path, "config file"))
+            except tomllib.TOMLDecodeError as e:
+                raise ProtextError(f"{path}: not valid TOML ({e})") from e
+        else:
+            loaded = read_json(path, "config file")
         if not isinstance(loaded, dict):
             raise ProtextError(f"{path}: expected a table of settings")
         bad = sorted(set(loaded) - known)
         if bad:
             raise ProtextError(f"{path}: unknown keys {bad}; known: {sorted(known)}")
-        values.update(loaded)
+        values.update({k: check_setting(k, v, f"{path}: ") for k, v in loaded.items()})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     bad = sorted(set(values) - known)
     if bad:
@@ -129,7 +148,7 @@ def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: t
 
 def text_store(backbone: Backbone, cache_dir: Path | None = None) -> FeatureStore:
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in backbone.name)[-60:]
-    key = sha1(backbone.name, str(backbone.revision), backbone.fingerprint())[:12]
+    key = sha1(backbone.name, str(backbone.revision), backbone.fingerprint(), backbone.text.text_rule)[:12]
     return FeatureStore(Path(cache_dir or default_cache_dir()) / "text" / f"{slug}-{key}")
 
 
@@ -147,11 +166,20 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Path | Non
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if device.type != "cuda" or cfg.precision == "fp32":
+    """Autocast and, for fp16, a gradient scaler: the same code on CUDA and CPU.
+
+    "auto" is bf16 (fp16 where bf16 is missing) on CUDA and fp32 elsewhere; "bf16" and
+    "fp16" are honoured on any device. Prompts and checkpoints stay fp32 either way: autocast
+    only lowers the precision of the matrix products inside the forward pass.
+    """
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
         return torch.autocast(device.type, enabled=False), None
-    dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()) else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def _data_hash(data: Mapping[str, Sequence[str]]) -> str:
@@ -166,19 +194,21 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ProtextError(f"{out}: --out must be a folder (it will hold the prompt files), but a file is there")
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise ProtextError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it, or choose another --out")
     classes, texts, cls_idx, txt_idx = pairs(descriptions)
     data_hash = _data_hash(descriptions)
     t0 = time.time()
+    # Settings are checked against the backbone before the long one-time encoding starts.
+    model = ProText.create(backbone, cfg.n_ctx, cfg.depth, cfg.init, cfg.template, seed=cfg.seed)
+    class_tokens = model.class_token_lists(classes)
     targets_all = encode_texts(backbone, texts, cache_dir, show_progress)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
     cls_t = torch.tensor(cls_idx, dtype=torch.long)
-
-    model = ProText.create(backbone, cfg.n_ctx, cfg.depth, cfg.init, cfg.template, seed=cfg.seed)
-    class_tokens = model.class_token_lists(classes)
     opt = torch.optim.AdamW([model.prompts], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     autocast, scaler = _autocast(cfg, device)
     start_epoch, epoch_loss = 0, float("nan")
@@ -210,16 +240,21 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
                 else:
                     loss.backward()
                     opt.step()
-                total += loss.item() * len(idx)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise _diverged(out, epoch, step, value, cfg)
+                total += value * len(idx)
                 seen += len(idx)
                 rate = seen / max(time.time() - t_epoch, 1e-9)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", pairs_s=f"{rate:.0f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", pairs_s=f"{rate:.0f}")
                 if (step + 1) % log_every == 0:
-                    log.write(json.dumps({"epoch": epoch + 1, "step": step + 1, "loss": loss.item(), "lr": lr,
+                    log.write(json.dumps({"epoch": epoch + 1, "step": step + 1, "loss": value, "lr": lr,
                                           "pairs_per_s": rate}) + "\n")
                     log.flush()
             epoch_loss = total / max(seen, 1)
+            if not torch.isfinite(model.prompts).all():
+                raise _diverged(out, epoch, steps_per_epoch - 1, float("nan"), cfg)
             _save_checkpoint(ckpt_path, model, opt, scaler, cfg, epoch + 1, data_hash, epoch_loss)
             log.write(json.dumps({"epoch": epoch + 1, "epoch_loss": epoch_loss, "lr": lr,
                                   "seconds": time.time() - t_epoch}) + "\n")
@@ -235,6 +270,14 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
                              "descriptions": n_pairs}
     model.save_pretrained(out)
     return model, summary
+
+
+def _diverged(out: Path, epoch: int, step: int, value: float, cfg: TrainConfig) -> ProtextError:
+    kept = (f"the checkpoint of the last finished epoch is kept in {out / CHECKPOINT}"
+            if (out / CHECKPOINT).exists() else "no epoch had finished, so nothing was saved")
+    return ProtextError(f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                        f"(lr {cfg.lr}); {kept}. Lower --lr (the presets use 0.03 or less) and train again "
+                        f"into a new --out")
 
 
 def _save_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,

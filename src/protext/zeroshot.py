@@ -29,7 +29,7 @@ from PIL import Image
 from .backbone import Backbone, load_backbone
 from .descriptions import load_descriptions, normalize_name
 from .errors import ProtextError
-from .images import UNREADABLE, open_image, preprocess
+from .images import UnreadableImage, load_pixels
 from .model import ProText
 from .templates import IMAGENET_80, clip_template, protext_template
 from .train import encode_texts
@@ -135,11 +135,14 @@ class ProTextClassifier:
     def __init__(self, backbone: Backbone | str | None, classes: Sequence[str], prompts: ProText | str | Path | None = None,
                  descriptions: Mapping[str, Sequence[str]] | str | Path | None = None, head: str | None = None,
                  dataset: str | None = None, cache_dir: Path | None = None, device: str | None = None):
-        if isinstance(prompts, (str, Path)):
-            prompts = ProText.from_pretrained(prompts, backbone=backbone if isinstance(backbone, Backbone) else None,
-                                              device=device)
-        if isinstance(backbone, str) or backbone is None:
-            backbone = prompts.backbone if prompts is not None and backbone is None else load_backbone(backbone, device=device)
+        if isinstance(backbone, (str, Path)):
+            backbone = load_backbone(str(backbone), device=device)
+        if isinstance(prompts, (str, Path)):  # with a backbone given, it is checked against the prompts' fingerprint
+            prompts = ProText.from_pretrained(prompts, backbone=backbone, device=device)
+        if backbone is None:
+            if prompts is None:
+                raise ProtextError("give a backbone (Hub id, folder or Backbone), prompts, or both")
+            backbone = prompts.backbone
         if backbone.image is None:
             raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP")
         if isinstance(descriptions, (str, Path)):
@@ -171,11 +174,10 @@ class ProTextClassifier:
                 continue
             name = str(item) if isinstance(item, (str, Path)) else f"image[{i}]"
             try:
-                img = open_image(item) if isinstance(item, (str, Path)) else item
-                pixels.append(preprocess(img, tower.image_size, tower.mean, tower.std))
+                pixels.append(load_pixels(item, tower.image_size, tower.mean, tower.std))
                 names.append(name)
-            except UNREADABLE as e:
-                skipped.append((name, f"{e.__class__.__name__}: {e}"))
+            except UnreadableImage as e:
+                skipped.append((name, str(e)))
         feats = [tower(torch.stack(pixels[i : i + batch_size]).to(self.backbone.device)).cpu()
                  for i in range(0, len(pixels), batch_size)]
         return (torch.cat(feats) if feats else torch.empty(0, self.weights.shape[1])), names, skipped
