@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+CONTENTS = {"list-content": [{"type": "text", "text": "A cat."}], "null-content": None, "number-content": 7}
+
+
 class ChatServer:
     """`script` is a list of behaviours used in order, then `default` forever:
-    "ok", "slow", "429" (Retry-After: `retry_after`), "500", "bad-json", "no-choices"."""
+    "ok", "slow", "429" (Retry-After: `retry_after`), "500", any other status code such as "401",
+    "bad-json", "no-choices", "list-content", "null-content", "number-content", "null-usage" (an answer
+    without token counts), "short-body" (Content-Length promises more than is sent), "hang-up" (closes
+    without answering), "reset" (resets the connection without answering), "trickle" (a long body, one
+    byte every 0.05 s)."""
 
     def __init__(self, default: str = "ok", script: list[str] | None = None, delay: float = 0.0, retry_after: str = "0"):
         self.default, self.script, self.delay, self.retry_after = default, list(script or []), delay, retry_after
@@ -43,18 +52,42 @@ class ChatServer:
                         self._send(429, b'{"error": "rate limited"}', {"Retry-After": server.retry_after})
                     elif behaviour == "500":
                         self._send(500, b"oops")
+                    elif behaviour.isdigit():
+                        self._send(int(behaviour), b'{"error": "refused"}')
                     elif behaviour == "bad-json":
                         self._send(200, b'{"choices": [{"message": ')
                     elif behaviour == "no-choices":
                         self._send(200, b'{"choices": []}')
+                    elif behaviour in CONTENTS:
+                        message = {"role": "assistant", "content": CONTENTS[behaviour]}
+                        self._send(200, json.dumps({"choices": [{"message": message}]}).encode())
+                    elif behaviour == "short-body":
+                        self._send(200, b'{"choices": [', {"Content-Length": "100"})
+                    elif behaviour == "hang-up":
+                        self._leave()
+                    elif behaviour == "reset":
+                        self._leave()
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                    elif behaviour == "trickle":
+                        self._trickle(b" " * 200 + self._answer(question, usage=True))
                     else:
-                        name = re.sub(r"^.*?(?:of an? |of |like |a )", "", question).rstrip("?.")
-                        text = f"1. A {name} is easy to spot in photos. It has many features."
-                        payload = {"choices": [{"message": {"role": "assistant", "content": text}}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 12}}
-                        self._send(200, json.dumps(payload).encode())
+                        self._send(200, self._answer(question, usage=behaviour != "null-usage"))
                 finally:
                     self._leave()
+
+            def _answer(self, question, usage):
+                name = re.sub(r"^.*?(?:of an? |of |like |a )", "", question).rstrip("?.")
+                text = f"1. A {name} is easy to spot in photos. It has many features."
+                counts = {"prompt_tokens": 10 if usage else None, "completion_tokens": 12 if usage else None}
+                message = {"role": "assistant", "content": text}
+                return json.dumps({"choices": [{"message": message}], "usage": counts}).encode()
+
+            def _trickle(self, body):
+                self._send(200, b"", {"Content-Length": str(len(body))})
+                for byte in body:
+                    time.sleep(0.05)
+                    self.wfile.write(bytes([byte]))  # raises once the client has given up, which ends this
 
             def _leave(self):
                 # counted out before the answer goes back, so the client's next request cannot overlap it
@@ -69,7 +102,8 @@ class ChatServer:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+                if "Content-Length" not in (headers or {}):
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
                 with server.lock:

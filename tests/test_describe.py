@@ -48,7 +48,8 @@ def test_cleaning_rules():
     assert clean_answers(["A cat.", "a CAT.", "", "A dog."]) == ["A cat.", "A dog."]
 
 
-@pytest.mark.parametrize("failure", ["429", "500", "bad-json", "no-choices"])
+@pytest.mark.parametrize("failure", ["429", "500", "bad-json", "no-choices", "list-content", "null-content",
+                                     "number-content", "short-body", "hang-up", "reset"])
 def test_retries_on_transient_failures(failure):
     with ChatServer(script=[failure, failure]) as server:
         gen = client(server)
@@ -63,7 +64,14 @@ def test_retry_after_is_honoured():
         gen("Describe what a cat looks like.")
     assert waits == [2.0]
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
-    assert parse_retry_after(None) is None
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+
+
+def test_null_token_counts_count_as_zero():
+    with ChatServer(script=["null-usage"]) as server:
+        gen = client(server)
+        assert gen("Describe what a cat looks like.").startswith("1. A cat")
+    assert gen.usage.as_dict() == {"requests": 1, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def test_timeouts_are_retried_then_reported():
@@ -71,6 +79,72 @@ def test_timeouts_are_retried_then_reported():
         gen = ChatClient(server.url, "m", timeout=0.1, max_retries=1, backoff=0.01)
         with pytest.raises(ProtextError, match="giving up after 2 tries"):
             gen("Describe a cat.")
+
+
+def test_timeout_bounds_the_whole_request_not_one_read():
+    with ChatServer(default="trickle") as server:
+        gen = ChatClient(server.url, "m", timeout=0.5, max_retries=1, backoff=0.01)
+        start = time.monotonic()
+        with pytest.raises(ProtextError, match="giving up after 2 tries"):
+            gen("Describe a cat.")
+    assert time.monotonic() - start < 2.0
+    assert gen.usage.requests == 2
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_a_refused_api_key_stops_the_run_at_once(tmp_path, status):
+    with ChatServer(default=status) as server:
+        with pytest.raises(ProtextError, match="the server refused the API key") as refused:
+            describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=2, concurrency=1,
+                     show_progress=False)
+    assert server.url in str(refused.value) and status in str(refused.value)
+    assert len(server.questions) == 1
+
+
+def test_a_refused_api_key_lets_only_the_requests_in_flight_finish(tmp_path):
+    with ChatServer(default="401", delay=0.5) as server:
+        with pytest.raises(ProtextError, match="the server refused the API key"):
+            describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=2, concurrency=3,
+                     show_progress=False)
+    assert server.max_in_flight == 3 and len(server.questions) == 3
+
+
+def test_other_client_errors_fail_only_their_class(tmp_path):
+    with ChatServer(script=["404"] + ["ok"] * 9) as server:
+        report = describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=1, concurrency=1,
+                          show_progress=False)
+    assert list(report["failed"]) == ["cat"] and "HTTP 404" in report["failed"]["cat"]
+    assert list(json.loads((tmp_path / "d.json").read_text())) == ["dog"]
+
+
+def test_a_dropped_answer_keeps_the_others_and_a_rerun_asks_only_for_it(tmp_path):
+    out = tmp_path / "d.json"
+    sidecar = tmp_path / "d.json.partial.json"
+    n = len(QUESTIONS["objects"])
+    with ChatServer(script=["ok", "short-body", "hang-up"]) as server:
+        report = describe(["cat", "dog"], "objects", out, client(server, max_retries=1), samples=1, concurrency=1,
+                          show_progress=False)
+    assert list(report["failed"]) == ["cat"] and "giving up after 2 tries" in report["failed"]["cat"]
+    assert list(json.loads(out.read_text())) == ["dog"]
+    kept = json.loads(sidecar.read_text())
+    assert list(kept) == ["cat"] and sum(len(a) for a in kept["cat"].values()) == n - 1
+    with ChatServer() as server:
+        report = describe(["cat", "dog"], "objects", out, client(server), samples=1, show_progress=False)
+    assert server.questions == [QUESTIONS["objects"][1].format("cat")]
+    assert report["failed"] == {} and report["already_saved"] == 1
+    assert set(json.loads(out.read_text())) == {"cat", "dog"} and not sidecar.exists()
+
+
+def test_a_bug_in_one_request_does_not_discard_finished_work(tmp_path):
+    def generate(question):
+        if "owl" in question:
+            raise ValueError("a bug")
+        return "A fox is orange."
+
+    report = describe(["fox", "owl"], "objects", tmp_path / "d.json", generate, samples=1, concurrency=2,
+                      show_progress=False)
+    assert list(report["failed"]) == ["owl"] and "a bug" in report["failed"]["owl"]
+    assert json.loads((tmp_path / "d.json").read_text()) == {"fox": ["A fox is orange."]}
 
 
 def test_concurrency_limit_is_respected(tmp_path):

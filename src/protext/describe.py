@@ -2,14 +2,16 @@
 
 For each class, each question of the dataset kind is asked `samples` times. Answers are
 cleaned (one trimmed sentence, no empties, duplicates or overlong ones) and each finished
-class is written to the output file at once, atomically; a rerun asks only for the classes
-the file lacks. Any OpenAI-compatible chat-completions server works (OpenAI, vLLM, Ollama,
+class is written to the output file at once, atomically; the answers received for classes
+not finished yet are kept in a sidecar file, so a rerun asks only for the answers still
+missing. Any OpenAI-compatible chat-completions server works (OpenAI, vLLM, Ollama,
 llama.cpp), as does a local `transformers` text-generation model.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import random
 import re
@@ -17,13 +19,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from .cache import atomic_write_json
-from .descriptions import normalize_name, parse_descriptions
+from .descriptions import normalize_name, parse_descriptions, read_json
 from .errors import ProtextError
 
 # Our own question sets, one per kind of label. "{}" is the class name.
@@ -82,19 +85,66 @@ class RetryableError(Exception):
         self.retry_after = retry_after
 
 
+class FatalError(ProtextError):
+    """A fault every further request would hit too (a refused API key): it stops the whole run at once."""
+
+
+# Faults of the connection or of the HTTP exchange: dropped, reset or timed-out connections, short bodies.
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number or an HTTP date."""
+    """Retry-After as seconds: either a number or an HTTP date; None when absent or unreadable."""
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def read_body(response: http.client.HTTPResponse, deadline: float) -> bytes:
+    """The whole body, or TimeoutError once `deadline` (time.monotonic) passes.
+
+    A socket timeout bounds one read only, so a server trickling bytes could hold a request for ever;
+    here each read may wait only for the time left.
+    """
+    sock = response.fp.raw._sock  # urllib offers no public way to the socket behind a response
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than the time-out")
+        sock.settimeout(left)
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if response.length:  # read1 ends quietly where the server closed the connection early
+        raise http.client.IncompleteRead(body, response.length)
+    return body
+
+
+def token_count(usage: object, key: str) -> int:
+    """One count of an answer's `usage`, 0 where missing or unreadable: counts only feed the report."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 class ChatClient:
-    """An OpenAI-compatible chat-completions client with retries and backoff."""
+    """An OpenAI-compatible chat-completions client with retries and backoff.
+
+    `timeout` bounds a whole request. 429, 5xx and every transport or format fault are retried; a refused
+    API key (401, 403) raises FatalError; other 4xx raise ProtextError at once.
+    """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, temperature: float = 0.99,
                  max_tokens: int = 80, timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0,
@@ -126,24 +176,42 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         self.usage.add(requests=1)
+        deadline = time.monotonic() + self.timeout
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+                raw = read_body(response, deadline)
         except urllib.error.HTTPError as e:
-            if e.code == 429 or e.code >= 500:
-                raise RetryableError(f"HTTP {e.code}", parse_retry_after(e.headers.get("Retry-After"))) from e
-            detail = e.read()[:300].decode(errors="replace")
-            raise ProtextError(f"{self.url}: HTTP {e.code}: {detail}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise RetryableError(f"no answer ({getattr(e, 'reason', e)})") from e
+            raise self._status_error(e) from e
+        except TRANSPORT_ERRORS as e:
+            raise RetryableError(f"no answer ({type(e).__name__}: {getattr(e, 'reason', e)})") from e
+        return self._content(raw)
+
+    def _status_error(self, e: urllib.error.HTTPError) -> Exception:
+        """What an error status means: try again later, stop the whole run, or fail this request."""
+        if e.code == 429 or e.code >= 500:
+            return RetryableError(f"HTTP {e.code}", parse_retry_after(e.headers.get("Retry-After")))
+        if e.code in (401, 403):
+            return FatalError(f"{self.url}: HTTP {e.code}: the server refused the API key "
+                              f"(check --api-key or $OPENAI_API_KEY)")
+        try:
+            detail = e.read(300).decode(errors="replace")
+        except TRANSPORT_ERRORS:
+            detail = "(no readable detail)"
+        return ProtextError(f"{self.url}: HTTP {e.code}: {detail}")
+
+    def _content(self, raw: bytes) -> str:
+        """The answer's text; a malformed answer is retried, unreadable token counts count as 0."""
         try:
             data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise RetryableError(f"malformed answer: {raw[:120]!r}") from e
-        usage = data.get("usage") or {}
-        self.usage.add(prompt_tokens=int(usage.get("prompt_tokens", 0)), completion_tokens=int(usage.get("completion_tokens", 0)))
-        return content or ""
+        if not isinstance(content, str):
+            raise RetryableError(f"malformed answer: content is {type(content).__name__}, not text")
+        usage = data.get("usage")
+        self.usage.add(prompt_tokens=token_count(usage, "prompt_tokens"),
+                       completion_tokens=token_count(usage, "completion_tokens"))
+        return content
 
 
 class LocalGenerator:
@@ -208,17 +276,55 @@ def load_partial(path: Path) -> dict[str, list[str]]:
     """The classes an earlier, possibly interrupted, run already saved."""
     if not path.is_file():
         return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ProtextError(f"{path}: exists but is not valid JSON ({e.msg}); move it away or fix it") from e
+    raw = read_json(path, "description file")
     return dict(parse_descriptions(raw, str(path))) if raw else {}
+
+
+# The answers received for classes not finished yet: class -> question -> answers.
+Answers = dict[str, dict[str, list[str]]]
+
+
+def answers_path(out: Path) -> Path:
+    """The sidecar file next to `out` that keeps the answers of classes not finished yet."""
+    return out.with_name(out.name + ".partial.json")
+
+
+def is_answers(raw: object) -> bool:
+    """Whether `raw` has the shape of Answers."""
+    def is_texts(got: object) -> bool:
+        return isinstance(got, list) and all(isinstance(a, str) for a in got)
+
+    return isinstance(raw, dict) and all(isinstance(qs, dict) and all(map(is_texts, qs.values()))
+                                         for qs in raw.values())
+
+
+def load_answers(path: Path, wanted: dict[str, list[str]]) -> Answers:
+    """The answers an earlier run kept in `path`, for the classes and questions in `wanted` only."""
+    if not path.is_file():
+        return {}
+    raw = read_json(path, "file of kept answers")
+    if not is_answers(raw):
+        raise ProtextError(f"{path}: not a file of kept answers; delete it to ask for its answers again")
+    kept = {c: {q: raw[c][q] for q in qs if raw[c].get(q)} for c, qs in wanted.items() if c in raw}
+    return {c: qs for c, qs in kept.items() if qs}
+
+
+def save_answers(path: Path, answers: Answers) -> None:
+    """Keep the answers of unfinished classes for a rerun (atomically); none left means no file."""
+    if answers:
+        atomic_write_json(path, answers)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Generator, samples: int = 3,
              concurrency: int = 4, max_chars: int = 300, show_progress: bool = True,
              questions: Sequence[str] | None = None) -> dict:
-    """Describe every class not yet in `out`; returns a report of what was asked and saved."""
+    """Describe every class not yet in `out`; returns a report of what was asked and saved.
+
+    Asks only for the answers neither `out` nor its sidecar file (see `answers_path`) holds. A request that
+    fails, for whatever reason, fails its class only; a FatalError stops the run, sending no further request.
+    """
     from tqdm.auto import tqdm
 
     if questions is None:
@@ -229,13 +335,31 @@ def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Gener
     saved = load_partial(out)
     names = list(dict.fromkeys(normalize_name(c) for c in classes))
     todo = [c for c in names if c not in saved]
-    lock = threading.Lock()
-    answers: dict[str, list[str]] = {c: [] for c in todo}
-    pending = {c: len(questions) * samples for c in todo}
+    wanted = {c: [q.format(c) for q in questions] for c in todo}
+    sidecar = answers_path(out)
+    received = load_answers(sidecar, wanted)
+    asks = [(c, q) for c, qs in wanted.items() for q in qs
+            for _ in range(samples - len(received.get(c, {}).get(q, [])))]
+    pending = Counter(c for c, _ in asks)
     failed: dict[str, str] = {}
+    stop = threading.Event()
+
+    def ask(question: str) -> str:
+        """One answer; any fault becomes a ProtextError, so that one bad request cannot discard finished work."""
+        if stop.is_set():
+            raise ProtextError("not asked: the run was stopped")
+        try:
+            return generate(question)
+        except FatalError:
+            stop.set()  # before the next queued request can start, even on this very thread
+            raise
+        except ProtextError:
+            raise
+        except Exception as e:
+            raise ProtextError(f"{type(e).__name__}: {e}") from e
 
     def finish(name: str) -> None:
-        sentences = clean_answers(answers[name], max_chars)
+        sentences = clean_answers([a for got in received.pop(name, {}).values() for a in got], max_chars)
         if not sentences:
             failed[name] = "no usable answer"
             return
@@ -244,12 +368,18 @@ def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Gener
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
             tqdm(total=len(todo), desc="describing", unit="class", disable=not show_progress) as bar:
-        futures = {pool.submit(generate, q.format(c)): c for c in todo for q in questions for _ in range(samples)}
-        for future in as_completed(futures):
-            name = futures[future]
-            with lock:
+        for name in todo:
+            if not pending[name]:  # every answer came from an earlier run
+                finish(name)
+                bar.update(1)
+        futures = {pool.submit(ask, question): (name, question) for name, question in asks}
+        try:
+            for future in as_completed(futures):
+                name, question = futures[future]
                 try:
-                    answers[name].append(future.result())
+                    received.setdefault(name, {}).setdefault(question, []).append(future.result())
+                except FatalError:
+                    raise
                 except ProtextError as e:
                     failed.setdefault(name, str(e))
                 pending[name] -= 1
@@ -257,6 +387,10 @@ def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Gener
                     if name not in failed:
                         finish(name)
                     bar.update(1)
+                save_answers(sidecar, received)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on a FatalError or Ctrl-C, ask nothing more
+    save_answers(sidecar, received)
     return {"classes": len(names), "already_saved": len(names) - len(todo), "described": len(todo) - len(failed),
             "failed": failed, "out": str(out),
             "sentences": sum(len(saved.get(c, [])) for c in names)}
