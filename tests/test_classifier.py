@@ -10,7 +10,8 @@ from protext.errors import ProtextError
 from protext.images import open_image, preprocess
 from protext.model import ProText
 from protext.templates import IMAGENET_80
-from protext.zeroshot import Heads, ProTextClassifier
+from protext.classifier import ProTextClassifier
+from protext.heads import Heads
 
 CLASSES = ["airplane", "cat", "frog"]
 
@@ -35,7 +36,7 @@ def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     assert torch.allclose(cupl[1], F.normalize(enc(descs["cat"]).mean(0), dim=-1), atol=1e-6)
     assert torch.allclose(cupl[0], enc(descs["airplane"])[0], atol=1e-6)
     assert torch.allclose(cupl[2], heads.get("clip", CLASSES)[2], atol=1e-6)  # no descriptions: falls back
-    assert heads.fallbacks[(tuple(CLASSES), None)] == ["frog"]
+    assert heads.fallbacks[("cupl", tuple(CLASSES), None)] == ["frog"]
     pro = heads.get("protext", CLASSES)
     assert torch.allclose(pro, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
     both = heads.get("protext+cupl", CLASSES)

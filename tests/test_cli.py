@@ -84,7 +84,7 @@ def test_predict_says_which_classes_the_cupl_head_could_not_describe(tiny_folder
                  "--classes", "forest,river,moon base,mars", image, "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == 0
-    assert "cupl head: no descriptions for 2 of 4 classes" in err and "moon base, mars" in err
+    assert "cupl head: no sentences for 2 of 4 classes, which use the clip head" in err and "moon base, mars" in err
 
 
 def test_mistyped_class_file_is_an_error_not_a_class(tiny_folder, tmp_path, capsys, shared):

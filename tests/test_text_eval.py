@@ -7,8 +7,9 @@ from conftest import CUPL
 from protext.cli import main
 from protext.datasets import split_base_novel
 from protext.text_eval import TextEvaluator, hold_out, make_queries, mask_class_name
-from protext.zeroshot import ensemble, harmonic_mean
-from protext.zeroshot import top1 as accuracy
+from protext.heads import ensemble
+from protext.metrics import harmonic_mean
+from protext.metrics import top1 as accuracy
 from protext.train import TrainConfig
 
 

@@ -16,7 +16,8 @@ from protext.cache import load_tensors
 from protext.descriptions import pairs
 from protext.errors import ProtextError
 from protext.model import ProText
-from protext.train import TrainConfig, batch_loss, encode_texts, lr_at, make_config, train
+from protext.features import encode_texts, feature_store
+from protext.train import TrainConfig, batch_loss, lr_at, make_config, train
 from reference import plain_loss
 
 train_module = importlib.import_module("protext.train")  # `protext.train` is also the function
@@ -257,6 +258,6 @@ def test_mixed_precision_branch_runs_and_stays_close_to_fp32(device, eurosat, tm
 
 
 def test_text_cache_is_keyed_by_the_text_cleaning_rule(tiny, tmp_path, monkeypatch):
-    before = train_module.text_store(tiny, tmp_path).folder
+    before = feature_store(tiny, "text", tmp_path).folder
     monkeypatch.setattr(type(tiny.text), "text_rule", "another-rule")
-    assert train_module.text_store(tiny, tmp_path).folder != before
+    assert feature_store(tiny, "text", tmp_path).folder != before

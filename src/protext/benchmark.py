@@ -28,7 +28,8 @@ from .features import Features, extract
 from .model import ProText, is_complete
 from .sources import SOURCES, fetch
 from .train import TrainConfig, train
-from .zeroshot import Heads, harmonic_mean, top1
+from .heads import Heads
+from .metrics import harmonic_mean, top1
 
 B2N_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
 

@@ -182,7 +182,9 @@ def _describe_parser(sub) -> None:
 
     p = sub.add_parser("describe", help="generate class descriptions with an LLM",
                        description="Ask an LLM to describe each class (CuPL-style). Each finished class is saved at "
-                                   "once; rerunning asks only for the classes the output file lacks.")
+                                   "once; answers received for classes that did not finish are kept in "
+                                   "<out>.partial.json, so rerunning asks only for the answers still missing. A "
+                                   "refused API key (HTTP 401/403) stops the run at once.")
     p.add_argument("--classes", required=True, help="a file (one class per line, or a JSON list) or a,b,c")
     p.add_argument("--dataset-kind", default="objects", choices=sorted(QUESTIONS), help="which question set to ask")
     p.add_argument("--out", type=Path, required=True, help="description JSON file to write (and resume)")
@@ -193,8 +195,9 @@ def _describe_parser(sub) -> None:
     p.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY)")
     p.add_argument("--local-model", default=None, help="use this local transformers causal LM instead of a server")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx, time-outs and malformed answers")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx, time-outs, dropped connections and malformed answers")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for a whole request (waiting and reading the answer), not per socket read")
     p.add_argument("--temperature", type=float, default=0.99)
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--max-chars", type=int, default=300, help="drop answers longer than this")
@@ -302,7 +305,7 @@ def _predict_parser(sub) -> None:
 def _run_predict(args: argparse.Namespace) -> None:
     from .descriptions import load_descriptions, read_class_list
     from .sources import resolve
-    from .zeroshot import ProTextClassifier
+    from .classifier import ProTextClassifier
 
     if args.top_k < 1:
         raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
@@ -312,7 +315,8 @@ def _run_predict(args: argparse.Namespace) -> None:
     descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
     clf = ProTextClassifier(backbone, classes, prompts=prompts, descriptions=descriptions, head=args.head,
                             dataset=args.dataset, cache_dir=args.cache_dir)
-    _report_fallbacks(clf.heads)
+    for note in clf.heads.fallback_notes():
+        print(note, file=sys.stderr)
     pred = clf.predict(args.images)
     for name, top in zip(pred.inputs, pred.top(args.top_k)):
         print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top]}, indent=None))
@@ -320,15 +324,6 @@ def _run_predict(args: argparse.Namespace) -> None:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     if not pred.inputs:
         raise ProtextError(f"none of the {len(pred.skipped)} images could be read (see 'skipped' above)")
-
-
-def _report_fallbacks(heads) -> None:
-    """Say which classes the cupl head gave the plain template, for want of descriptions."""
-    for (classes, _), missing in heads.fallbacks.items():
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            print(f"cupl head: no descriptions for {len(missing)} of {len(classes)} classes, which use the plain "
-                  f"template instead: {shown}", file=sys.stderr)
 
 
 def _eval_parser(sub) -> None:
@@ -358,7 +353,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .datasets import base_novel, load_dataset
     from .descriptions import load_descriptions
     from .sources import resolve
-    from .zeroshot import Heads
+    from .heads import Heads
 
     dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
     prompts = _prompts(args.prompts, args) if args.prompts else None
@@ -368,7 +363,8 @@ def _run_eval(args: argparse.Namespace) -> None:
                                                       + (["protext"] if prompts else []))
     built = Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset)
     row = evaluate(backbone, dataset, built, heads, args.cache_dir, not args.no_progress)
-    _report_fallbacks(built)
+    for note in built.fallback_notes():
+        print(note, file=sys.stderr)
     if args.out:
         atomic_write_json(args.out, row)
     print(to_json({k: v for k, v in row.items() if k != "skipped_files"}))

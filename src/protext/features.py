@@ -1,6 +1,11 @@
-"""Image features, computed once per (backbone, dataset) and reused by every head and run.
+"""Text and image features of the frozen towers, computed once and reused by every head and run.
 
-Decoding and preprocessing run in a thread pool (PIL releases the GIL) while the main
+Both live in `FeatureStore`s under the cache folder, keyed by one rule (`feature_store`): the
+backbone's name and revision and a fingerprint of the tower that made them (for text, also
+the text-cleaning rule), so features are never served for other weights.
+
+Text: `encode_texts` encodes only the sentences no earlier run stored (descriptions,
+templates, masked queries). Images: `extract`, per (backbone, dataset, split). Decoding and preprocessing run in a thread pool (PIL releases the GIL) while the main
 thread runs the image tower, so the CPU or GPU is kept busy. Each finished chunk is
 stored atomically before the next starts: an interrupted extraction resumes where it
 stopped. Unreadable files (corrupt, truncated, missing, too large: see `images.load_pixels`)
@@ -14,6 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -43,10 +49,25 @@ def image_key(path: Path) -> str:
         return sha1(str(path), "missing")
 
 
-def image_store(backbone: Backbone, dataset: str, cache_dir: Path | None = None) -> FeatureStore:
-    """The features of `dataset` under this image tower: its weights and preprocessing, not the text tower's."""
-    key = sha1(backbone.name, str(backbone.revision), backbone.image.fingerprint())[:12]
-    return FeatureStore(Path(cache_dir or default_cache_dir()) / "image" / key / dataset)
+def feature_store(backbone: Backbone, tower: str, cache_dir: Path | None = None, *parts: str) -> FeatureStore:
+    """The store of one tower's features ("text" or "image"), under `cache_dir/<tower>/<backbone>-<key>/<parts>`."""
+    fingerprint = (backbone.fingerprint() + backbone.text.text_rule) if tower == "text" else backbone.image.fingerprint()
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in backbone.name)[-60:]
+    key = sha1(backbone.name, str(backbone.revision), fingerprint)[:12]
+    return FeatureStore(Path(cache_dir or default_cache_dir()).joinpath(tower, f"{slug}-{key}", *parts))
+
+
+def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Path | None = None,
+                 show_progress: bool = True) -> torch.Tensor:
+    """Plain (unprompted) features of `texts`, from the on-disk cache where an earlier run stored them."""
+    from tqdm.auto import tqdm
+
+    texts_store = feature_store(backbone, "text", cache_dir)
+    keys = [sha1(t) for t in texts]
+    todo = len({k for k in keys if k not in texts_store})
+    bar = tqdm(total=todo, desc="encoding texts", unit="text", disable=not show_progress or todo == 0)
+    with bar:
+        return texts_store.get(keys, lambda pos: backbone.text.encode([texts[p] for p in pos]), progress=bar.update)
 
 
 def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None, batch_size: int = 64,
@@ -57,10 +78,10 @@ def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None,
     tower = backbone.image
     if tower is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower")
-    store = image_store(backbone, f"{dataset.name}-{dataset.split}", cache_dir)
+    images = feature_store(backbone, "image", cache_dir, f"{dataset.name}-{dataset.split}")
     paths = [p for p, _ in dataset.samples]
     keys = [image_key(p) for p in paths]
-    todo = store.missing(keys)
+    todo = images.missing(keys)
     skipped: dict[int, str] = {}
 
     def decode(i: int) -> torch.Tensor | str:
@@ -88,8 +109,8 @@ def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None,
             if pixels:
                 feats.append(tower(torch.stack(pixels).to(backbone.device)).cpu())
             if good:
-                store.put([keys[i] for i in good], torch.cat(feats))
-    kept = [i for i in range(len(paths)) if keys[i] in store]
+                images.put([keys[i] for i in good], torch.cat(feats))
+    kept = [i for i in range(len(paths)) if keys[i] in images]
     labels = torch.tensor([dataset.samples[i][1] for i in kept], dtype=torch.long)
-    return Features(store.stack([keys[i] for i in kept]), labels, [str(paths[i]) for i in kept],
+    return Features(images.stack([keys[i] for i in kept]), labels, [str(paths[i]) for i in kept],
                     [(str(paths[i]), reason) for i, reason in sorted(skipped.items())])

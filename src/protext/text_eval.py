@@ -34,8 +34,10 @@ from .cache import sha1
 from .datasets import split_base_novel
 from .model import ProText, is_complete
 from .templates import dataset_of, protext_template
-from .train import TrainConfig, encode_texts, train
-from .zeroshot import ensemble, harmonic_mean, top1
+from .features import encode_texts
+from .train import TrainConfig, train
+from .heads import ensemble
+from .metrics import harmonic_mean, top1
 
 STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
 

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
-from .cache import FeatureStore, atomic_save_tensors, default_cache_dir, load_tensors, sha1
+from .cache import atomic_save_tensors, load_tensors, sha1
 from .descriptions import pairs, read_json, read_text
 from .errors import ProtextError
+from .features import encode_texts
 from .model import ProText
 from .presets import PRESETS
 from .templates import check_template
@@ -144,25 +145,6 @@ def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: t
     tokens = pad([class_tokens[i] for i in uniq.tolist()], model.backbone.text.pad_id)
     feats = model(tokens)
     return loss_fn(cfg, feats[inverse.to(feats.device)], targets)
-
-
-def text_store(backbone: Backbone, cache_dir: Path | None = None) -> FeatureStore:
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in backbone.name)[-60:]
-    key = sha1(backbone.name, str(backbone.revision), backbone.fingerprint(), backbone.text.text_rule)[:12]
-    return FeatureStore(Path(cache_dir or default_cache_dir()) / "text" / f"{slug}-{key}")
-
-
-def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Path | None = None,
-                 show_progress: bool = True) -> torch.Tensor:
-    """Plain (unprompted) features of `texts`, from the on-disk cache where an earlier run stored them."""
-    from tqdm.auto import tqdm
-
-    store = text_store(backbone, cache_dir)
-    keys = [sha1(t) for t in texts]
-    todo = len({k for k in keys if k not in store})
-    bar = tqdm(total=todo, desc="encoding texts", unit="text", disable=not show_progress or todo == 0)
-    with bar:
-        return store.get(keys, lambda pos: backbone.text.encode([texts[p] for p in pos]), progress=bar.update)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
