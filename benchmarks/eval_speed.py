@@ -35,9 +35,9 @@ def main() -> None:
     from protext.benchmark import accuracy
     from protext.datasets import Dataset
     from protext.features import Features, extract
+    from protext.heads import Heads
     from protext.images import open_image, preprocess
     from protext.tiny import tiny_clip
-    from protext.heads import Heads
 
     torch.manual_seed(0)
     backbone = tiny_clip(seed=0, width=512, layers=12, heads=8, projection=512, vision_width=768, vision_layers=12,

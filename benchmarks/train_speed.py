@@ -77,8 +77,9 @@ def child(path: str, steps: int, device: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from support import plain_loss
+
     from protext.train import TrainConfig, batch_loss
-    from reference import plain_loss
 
     backbone, model, classes, texts, cls_idx, txt_idx = build(device)
     cfg = TrainConfig(n_ctx=4, depth=9)

@@ -10,7 +10,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 CONTENTS = {"list-content": [{"type": "text", "text": "A cat."}], "null-content": None, "number-content": 7}
 
 

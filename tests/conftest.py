@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-CUPL = SHARED / "descriptions" / "cupl"
 sys.path.insert(0, str(Path(__file__).parent))
+
+from support import CUPL, SHARED  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,13 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from support import CUPL, SHARED, make_coop_tree
 
-from conftest import CUPL, SHARED
 from protext import benchmark as bm
 from protext.cli import main
 from protext.datasets import image_folder
 from protext.features import extract
 from protext.model import ProText
-from test_datasets import make_coop_tree
 
 
 def test_features_are_cached_and_an_interrupted_extraction_resumes(tiny, tmp_path, shared, monkeypatch):
@@ -48,7 +47,7 @@ def test_eval_command_on_real_cifar_images(tiny_folder, tmp_path, capsys, shared
     code = main(["eval", "--dataset", "folder", "--data-root", str(SHARED / "images" / "cifar10_test_sample"),
                  "--prompts", str(tmp_path / "p"), "--descriptions", str(CUPL / "cifar10_prompts_full.json"),
                  "--heads", "clip,clip80,cupl,protext,protext+cupl", "--cache-dir", str(tmp_path / "c"),
-                 "--out", str(tmp_path / "row.json"), "--no-progress"])
+                 "--output", str(tmp_path / "row.json"), "--no-progress"])
     row = json.loads(capsys.readouterr().out)
     assert code == 0 and row["images"] == 100 and row["classes"] == 10 and row["skipped"] == 0
     assert all(0 <= row[h] <= 100 for h in ("clip", "clip80", "cupl", "protext", "protext+cupl"))
@@ -78,7 +77,7 @@ def test_base2novel_and_text_only_protocols_end_to_end(tiny_folder, tmp_path, co
     root, descs = coop_root
     out = tmp_path / "out"
     args = ["--data-root", str(root), "--descriptions-dir", str(descs), "--datasets", "eurosat,dtd,ucf101",
-            "--backbone", str(tiny_folder), "--depth", "2", "--epochs", "2", "--warmup-epochs", "1",
+            "--backbone", str(tiny_folder), "--set", "depth=2", "--set", "epochs=2", "--set", "warmup_epochs=1",
             "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--no-progress"]
     assert main(["benchmark", "base2novel", *args]) == 0
     result = json.loads((out / "base2novel.json").read_text())

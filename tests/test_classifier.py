@@ -3,15 +3,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from support import SHARED
 
-from conftest import SHARED
+from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.errors import ProtextError
+from protext.heads import Heads
 from protext.images import open_image, preprocess
 from protext.model import ProText
 from protext.templates import IMAGENET_80
-from protext.classifier import ProTextClassifier
-from protext.heads import Heads
 
 CLASSES = ["airplane", "cat", "frog"]
 
@@ -100,3 +100,45 @@ def test_predict_skips_a_decompression_bomb_and_keeps_the_rest(tiny, tmp_path, m
     assert pred.inputs == [str(files[0]), str(files[2]), "image[3]"] and pred.probs.shape == (3, 3)
     assert [name for name, _ in pred.skipped] == [str(files[1])]
     assert pred.skipped[0][1].startswith("DecompressionBombError: ")
+
+
+def test_any_heads_join_with_plus_as_their_renormalised_mean(tiny, prompts, tmp_path):
+    descs = {"cat": ["A cat is small.", "Cats purr."], "airplane": ["An airplane has wings."], "frog": ["A frog hops."]}
+    heads = Heads(tiny, prompts, descs, tmp_path)
+    for combo in ("clip+cupl", "clip80+protext", "clip+cupl+protext"):
+        want = F.normalize(sum(heads.get(h, CLASSES) for h in combo.split("+")), dim=-1)
+        assert torch.allclose(heads.get(combo, CLASSES), want, atol=1e-6)
+    with pytest.raises(ProtextError, match="unknown head 'dclip'.*join them with '\\+'"):
+        heads.get("clip+dclip", CLASSES)
+
+
+def test_classifier_constructors_load_one_backbone(tiny_folder, tmp_path, monkeypatch):
+    import protext.classifier as classifier_module
+    from protext.backbone import load_backbone
+
+    loads = []
+    real = classifier_module.load_backbone
+
+    def counting(*a, **k):
+        loads.append(a[0])
+        return real(*a, **k)
+
+    backbone = load_backbone(str(tiny_folder), device="cpu")
+    ProText.create(backbone, depth=2).save_pretrained(tmp_path / "p")
+    monkeypatch.setattr(classifier_module, "load_backbone", counting)
+    clf = ProTextClassifier.from_prompts(tmp_path / "p", CLASSES, backbone=str(tiny_folder))
+    assert loads == [str(tiny_folder)] and clf.head == "protext"
+    assert clf.heads.prompts.backbone is clf.backbone
+    plain = ProTextClassifier.from_backbone(backbone, CLASSES, head="clip80")
+    assert plain.head == "clip80" and plain.heads.prompts is None
+    with pytest.raises(ProtextError, match="weights differ"):
+        ProTextClassifier.from_prompts(tmp_path / "p", CLASSES, backbone=__import__("protext.tiny").tiny.tiny_clip(seed=3))
+    with pytest.raises(ProtextError, match="unknown head"):
+        ProTextClassifier.from_backbone(backbone, CLASSES, head="nope")
+
+
+def test_cross_dataset_switches_the_protext_template_dataset_alone_does_not(tiny, prompts):
+    plain = ProTextClassifier(tiny, CLASSES, prompts, dataset="oxford_pets")
+    cross = ProTextClassifier(tiny, CLASSES, prompts, dataset="oxford_pets", cross_dataset=True)
+    assert torch.allclose(plain.weights, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
+    assert torch.allclose(cross.weights, prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)

@@ -1,8 +1,8 @@
 import json
 
 import pytest
+from support import CUPL
 
-from conftest import CUPL
 from protext import sources
 from protext.cli import main
 from protext.model import ProText
@@ -133,7 +133,7 @@ def test_eval_reports_an_empty_class_folder(tiny_folder, tmp_path, capsys, share
             shutil.copy(f, root / cls / f.name)
     (root / "truck").mkdir()
     assert main(["eval", "--dataset", "folder", "--data-root", str(root), "--backbone", str(tiny_folder),
-                 "--cache-dir", str(tmp_path / "c"), "--no-progress", "--out", str(tmp_path / "row.json")]) == 0
+                 "--cache-dir", str(tmp_path / "c"), "--no-progress", "--output", str(tmp_path / "row.json")]) == 0
     err = capsys.readouterr().err
     assert "note:" in err and "truck" in err
     row = json.loads((tmp_path / "row.json").read_text())

@@ -1,39 +1,11 @@
 import json
 import math
 
-import numpy as np
 import pytest
-from PIL import Image
+from support import SHARED, SPLIT_FILES, make_coop_tree, tiny_image
 
-from conftest import SHARED
 from protext.datasets import SPLIT_DATASETS, base_novel, csv_dataset, image_folder, load_dataset
 from protext.errors import ProtextError
-
-SPLIT_FILES = {"caltech101": "Caltech101", "dtd": "DescribableTextures", "eurosat": "EuroSAT",
-               "oxford_flowers": "OxfordFlowers", "oxford_pets": "OxfordPets", "stanford_cars": "StanfordCars",
-               "ucf101": "UCF101"}
-
-
-def tiny_image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((6, 6, 3), 120, np.uint8)).save(path)
-
-
-def make_coop_tree(root, name, per_class=2):
-    """A CoOp folder for `name`: its real split file cut to `per_class` items per class and split,
-    with tiny images at exactly the listed paths."""
-    folder, image_dir, split_file = SPLIT_DATASETS[name]
-    raw = json.loads((SHARED / "splits" / f"split_zhou_{SPLIT_FILES[name]}.json").read_text())
-    cut = {}
-    for split, items in raw.items():
-        seen = {}
-        cut[split] = [it for it in items if seen.setdefault(it[1], []).append(it) or len(seen[it[1]]) <= per_class]
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    (root / folder / split_file).write_text(json.dumps(cut))
-    for items in cut.values():
-        for rel, _, _ in items:
-            tiny_image(root / folder / image_dir / rel)
-    return raw, cut
 
 
 @pytest.mark.parametrize("name", sorted(SPLIT_FILES))

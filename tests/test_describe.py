@@ -6,9 +6,9 @@ import sys
 import time
 
 import pytest
-
 from chat_server import ChatServer
-from conftest import ROOT
+from support import ROOT
+
 from protext.cli import main
 from protext.describe import QUESTIONS, ChatClient, clean_answer, clean_answers, describe, parse_retry_after
 from protext.errors import ProtextError
@@ -172,7 +172,7 @@ def test_killed_generation_resumes_with_only_missing_classes(tmp_path):
     with ChatServer(default="slow", delay=0.05) as server:
         cmd = [sys.executable, "-m", "protext", "describe", "--classes", str(tmp_path / "classes.txt"),
                "--dataset-kind", "food", "--samples", "1", "--concurrency", "1", "--base-url", server.url,
-               "--model", "m", "--out", str(out), "--no-progress"]
+               "--model", "m", "--output", str(out), "--no-progress"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and not (out.exists() and len(json.loads(out.read_text())) >= 3):
@@ -197,14 +197,14 @@ def test_killed_generation_resumes_with_only_missing_classes(tmp_path):
 def test_describe_command_reports_usage(tmp_path, capsys):
     with ChatServer() as server:
         code = main(["describe", "--classes", "pug,beagle", "--dataset-kind", "pets", "--samples", "1",
-                     "--base-url", server.url, "--model", "m", "--out", str(tmp_path / "d.json"), "--no-progress"])
+                     "--base-url", server.url, "--model", "m", "--output", str(tmp_path / "d.json"), "--no-progress"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["usage"]["requests"] == 2 * len(QUESTIONS["pets"])
 
 
 def test_unknown_kind_is_rejected():
     with pytest.raises(SystemExit):
-        main(["describe", "--classes", "pug", "--dataset-kind", "nope", "--out", "x.json"])
+        main(["describe", "--classes", "pug", "--dataset-kind", "nope", "--output", "x.json"])
 
 
 def test_local_transformers_model_as_describer(tmp_path):

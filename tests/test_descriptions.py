@@ -1,8 +1,8 @@
 import json
 
 import pytest
+from support import CUPL
 
-from conftest import CUPL
 from protext.descriptions import load_descriptions, normalize_name, read_class_list, stats
 from protext.errors import ProtextError
 

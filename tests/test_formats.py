@@ -1,8 +1,8 @@
 import json
 
 import pytest
+from support import CUPL, SHARED
 
-from conftest import CUPL, SHARED
 from protext import sources
 from protext.cli import main
 from protext.errors import ProtextError
@@ -37,10 +37,10 @@ def test_text_folder_one_file_per_class(tmp_path):
 def test_import_command_writes_protext_json(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "cat.txt").write_text("A cat naps.\n")
-    assert main(["descriptions", "import", str(tmp_path / "in"), "--format", "text", "--out", str(tmp_path / "o.json")]) == 0
+    assert main(["descriptions", "import", str(tmp_path / "in"), "--format", "text", "--output", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text()) == {"cat": ["A cat naps."]}
     assert main(["descriptions", "import", str(CUPL / "pets_prompts_full.json"), "--format", "cupl",
-                 "--out", str(tmp_path / "p.json")]) == 0
+                 "--output", str(tmp_path / "p.json")]) == 0
     assert len(json.loads((tmp_path / "p.json").read_text())) == 37
 
 
@@ -85,7 +85,7 @@ def test_fetch_downloads_once_into_the_cache(tmp_path, monkeypatch, capsys):
     try:
         monkeypatch.setitem(sources.SOURCES, "cupl:dtd", f"http://127.0.0.1:{httpd.server_address[1]}/t.json")
         for _ in range(2):
-            assert main(["descriptions", "fetch", "cupl:dtd", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 0
+            assert main(["descriptions", "fetch", "cupl:dtd", "--cache-dir", str(tmp_path), "--output", str(tmp_path / "t.json")]) == 0
     finally:
         httpd.shutdown()
     assert served == ["/t.json"]

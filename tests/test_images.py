@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import SHARED
 
-from conftest import SHARED
 from protext.backbone import CLIP_MEAN, CLIP_STD
 from protext.datasets import image_folder
 from protext.features import extract

@@ -69,13 +69,15 @@ def test_context_initialisation_rules(tiny):
     ids = tiny.text.tokenize(["a photo of a"]).ids[0, 1:5]
     assert torch.allclose(pt.prompts[0], tiny.text.token_embedding.weight[ids])
     assert pt.prompts[1:].std() < 0.05
-    wide = ProText.create(tiny, n_ctx=16, depth=2)
-    assert wide.config.init is None and wide.config.placeholder == " ".join(["X"] * 16)
+    wide = ProText.create(tiny, n_ctx=16, depth=2, init="random")
+    assert wide.config.init == "random" and wide.config.placeholder == " ".join(["X"] * 16)
     assert wide.prompts[0].std() < 0.05
     assert prompted_text("a photo of a {}, a type of pet.", "pug", "X X") == "X X pug, a type of pet."
     assert prompted_text("{} texture.", "bumpy", "a photo of a") == "a photo of a bumpy texture."
     with pytest.raises(ProtextError, match="tokens for this tokenizer"):
         ProText.create(tiny, n_ctx=3, depth=1, init="a photo of a")
+    with pytest.raises(ProtextError, match="n_ctx is 16; use n_ctx=4, or init='random'"):
+        ProText.create(tiny, n_ctx=16, depth=1)  # no silent switch to random
     with pytest.raises(ProtextError, match="depth"):
         ProText.create(tiny, n_ctx=4, depth=3 + tiny.text.num_layers)
 

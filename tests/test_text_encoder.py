@@ -3,8 +3,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from support import CUPL
 
-from conftest import CUPL
 from protext.backbone import from_model
 from protext.descriptions import load_descriptions
 from protext.model import ProText
@@ -97,9 +97,7 @@ def test_cutting_to_longest_sequence_changes_nothing(tiny):
 
 
 def test_bert_tower_matches_mean_pooled_transformers_output():
-    from transformers import BertConfig, BertModel
-
-    from transformers import BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "x", ".", "big", "red"]
     import os

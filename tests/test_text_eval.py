@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
+from support import CUPL
 
-from conftest import CUPL
 from protext.cli import main
 from protext.datasets import split_base_novel
-from protext.text_eval import TextEvaluator, hold_out, make_queries, mask_class_name
 from protext.heads import ensemble
 from protext.metrics import harmonic_mean
 from protext.metrics import top1 as accuracy
+from protext.text_eval import TextEvaluator, hold_out, make_queries, mask_class_name
 from protext.train import TrainConfig
 
 
@@ -65,9 +65,9 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
     assert r["classes"] == {"base": 5, "novel": 5}
     assert r["queries"] == {"base": 25, "novel": 125}
     for split in ("base", "novel", "hm"):
-        assert set(r[split]) == {"template", "protext", "ensemble"}
+        assert set(r[split]) == {"clip", "protext", "cupl"}
         assert all(0 <= v <= 100 for v in r[split].values())
-    assert r["novel"]["ensemble"] == r["novel"]["template"]
+    assert r["novel"]["cupl"] == r["novel"]["clip"]
     assert all("thing" in e["masked"] for e in r["examples"])
     assert r["template_text"] == "a photo of a {}."
     x = ev.cross_dataset(load_descriptions(CUPL / "eurosat_prompts_full.json"),
@@ -89,12 +89,12 @@ def test_template_heads_score_the_given_template(tiny, tmp_path):
     q = make_queries(data, list(data), "thing")
     got = ev.score(q, list(data), model, None, "{} texture.")
     want = accuracy(ev.encode(q.texts), q.labels, ev.encode([f"{c} texture." for c in data]))
-    assert got["template"] == pytest.approx(want)
+    assert got["clip"] == pytest.approx(want)
     assert ev.cross_dataset(data, {"pets": data})["pets"]["template_text"] == "{} texture."
 
 
 def test_description_sets_map_to_their_datasets():
-    from protext.templates import dataset_of
+    from protext.sources import dataset_of
 
     assert dataset_of("airplane_prompts_full") == "fgvc_aircraft"
     assert dataset_of("cupl:dtd") == dataset_of("cupl-dtd") == dataset_of("texture") == "dtd"
@@ -107,7 +107,7 @@ def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["eval-text", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
                  str(CUPL / "pets_prompts_full.json"), "--source", str(CUPL / "cifar10_prompts_full.json"),
-                 "--depth", "2", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.001", "--cache-dir", str(tmp_path / "c"),
+                 "--set", "depth=2", "--set", "epochs=1", "--set", "warmup_epochs=0", "--set", "lr=0.001", "--cache-dir", str(tmp_path / "c"),
                  "--out", str(out), "--no-progress"])
     assert code == 0
     report = json.loads((out / "eval_text.json").read_text())
@@ -127,8 +127,8 @@ def test_eval_text_keeps_sets_whose_files_share_a_name(tiny_folder, tmp_path, ca
     shutil.copy(CUPL / "eurosat_prompts_full.json", tmp_path / "a" / "set.json")
     shutil.copy(CUPL / "pets_prompts_full.json", tmp_path / "b" / "set.json")
     code = main(["eval-text", "--backbone", str(tiny_folder), "--protocol", "base2novel", "--descriptions",
-                 str(tmp_path / "a" / "set.json"), str(tmp_path / "b" / "set.json"), "--depth", "2", "--epochs", "1",
-                 "--warmup-epochs", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+                 str(tmp_path / "a" / "set.json"), str(tmp_path / "b" / "set.json"), "--set", "depth=2", "--set", "epochs=1",
+                 "--set", "warmup_epochs=0", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
                  "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "r" / "eval_text.json").read_text())
@@ -140,7 +140,7 @@ def test_eval_text_refuses_a_one_class_set_before_any_work(tiny_folder, tmp_path
     one = tmp_path / "one.json"
     one.write_text(json.dumps({"cat": ["A cat is a small furry animal.", "A cat purrs."]}))
     code = main(["eval-text", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
-                 str(one), "--protocol", "base2novel", "--depth", "2", "--cache-dir", str(tmp_path / "c"),
+                 str(one), "--protocol", "base2novel", "--set", "depth=2", "--cache-dir", str(tmp_path / "c"),
                  "--out", str(tmp_path / "r"), "--no-progress"])
     assert code == 2
     assert "one: base-to-novel needs at least 2 classes" in capsys.readouterr().err

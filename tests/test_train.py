@@ -1,8 +1,8 @@
 import importlib
 import json
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,15 +10,14 @@ import time
 
 import pytest
 import torch
+from support import CUPL, ROOT, plain_loss
 
-from conftest import CUPL, ROOT
 from protext.cache import load_tensors
 from protext.descriptions import pairs
 from protext.errors import ProtextError
-from protext.model import ProText
 from protext.features import encode_texts, feature_store
+from protext.model import ProText
 from protext.train import TrainConfig, batch_loss, lr_at, make_config, train
-from reference import plain_loss
 
 train_module = importlib.import_module("protext.train")  # `protext.train` is also the function
 
@@ -68,7 +67,7 @@ def test_schedule_is_constant_warmup_then_cosine():
 
 
 def test_presets_files_and_flags_override_in_order(tmp_path):
-    assert make_config("imagenet-200ep").n_ctx == 16 and make_config("imagenet-200ep").init is None
+    assert make_config("imagenet-200ep").n_ctx == 16 and make_config("imagenet-200ep").init == "random"
     f = tmp_path / "c.toml"
     f.write_text("lr = 0.5\nepochs = 3\n")
     cfg = make_config("cross-dataset", f, {"epochs": 7, "seed": None})
@@ -148,7 +147,7 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, eurosa
         train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
     assert not (tmp_path / "run" / "prompts.safetensors").exists()  # no NaN prompts saved
     kept = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
-    assert torch.isfinite(kept["prompts"]).all() and torch.isfinite(kept["exp_avg"]).all()
+    assert torch.isfinite(kept["prompts"]).all() and torch.isfinite(kept["optimizer.0.exp_avg"]).all()
 
 
 @pytest.mark.parametrize("setting, value, message", [
@@ -159,6 +158,7 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, eurosa
     ("epochs", True, "'epochs' must be a whole number, got True"),
     ("epochs", 2.5, "'epochs' must be a whole number"),
     ("init", 5, "'init' must be a string"),
+    ("init", None, "'init' must be a string"),
     ("template", "a {} of {}", "exactly one '{}'"),
     ("template", "a photo of {0}", "exactly one '{}'"),
 ])
@@ -190,7 +190,8 @@ def test_settings_are_checked_against_the_backbone_before_encoding(tiny, eurosat
 
     monkeypatch.setattr(train_module, "encode_texts", no_encoding)
     with pytest.raises(ProtextError, match="n_ctx 100 .* more than the 77-token context"):
-        train(tiny, eurosat, TrainConfig(n_ctx=100, depth=2), tmp_path / "a", tmp_path / "c", show_progress=False)
+        train(tiny, eurosat, TrainConfig(n_ctx=100, depth=2, init="random"), tmp_path / "a", tmp_path / "c",
+              show_progress=False)
     with pytest.raises(ProtextError, match="depth must be between 1 and 2"):
         train(tiny, eurosat, TrainConfig(depth=5), tmp_path / "b", tmp_path / "c", show_progress=False)
 
@@ -208,6 +209,8 @@ def test_cli_refuses_non_finite_and_mistyped_settings(tiny_folder, tmp_path, cap
     assert main(base + ["--config", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert main(base + ["--n-ctx", "100"]) == 2
+    assert "'a photo of a' are 4 tokens for this tokenizer, but n_ctx is 100" in capsys.readouterr().err
+    assert main(base + ["--n-ctx", "100", "--init", "random"]) == 2
     assert "77-token context" in capsys.readouterr().err
     assert main(base + ["--template", "{} and {}"]) == 2
     assert "exactly one '{}'" in capsys.readouterr().err
@@ -261,3 +264,28 @@ def test_text_cache_is_keyed_by_the_text_cleaning_rule(tiny, tmp_path, monkeypat
     before = feature_store(tiny, "text", tmp_path).folder
     monkeypatch.setattr(type(tiny.text), "text_rule", "another-rule")
     assert feature_store(tiny, "text", tmp_path).folder != before
+
+
+def test_settings_as_key_value_pairs():
+    from protext.train import parse_assignments
+
+    got = parse_assignments(["lr=0.01", "init=random", "epochs=3", "warmup-epochs=0", "template=a {}."])
+    assert got == {"lr": 0.01, "init": "random", "epochs": 3, "warmup_epochs": 0, "template": "a {}."}
+    assert make_config("base2novel", None, got).epochs == 3
+    with pytest.raises(ProtextError, match="--set 'learning_rate=1': expected KEY=VALUE"):
+        parse_assignments(["learning_rate=1"])
+    with pytest.raises(ProtextError, match="'epochs' must be a whole number"):
+        make_config("base2novel", None, parse_assignments(["epochs=three"]))
+
+
+def test_checkpoint_holds_the_optimisers_whole_state(tiny, eurosat, tmp_path):
+    cfg = TrainConfig(depth=2, epochs=1, batch_size=64, warmup_epochs=0)
+    train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+    from safetensors import safe_open
+
+    tensors = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
+    assert {"optimizer.0.step", "optimizer.0.exp_avg", "optimizer.0.exp_avg_sq"} <= set(tensors)
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["protext_checkpoint"])
+    group = meta["optimizer"]["param_groups"][0]
+    assert group["betas"] == [0.9, 0.98] and group["weight_decay"] == 0.1

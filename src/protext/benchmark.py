@@ -25,13 +25,47 @@ from .datasets import CROSS_DATASET_TARGETS, DOMAIN_SHIFTS, Dataset, base_novel,
 from .descriptions import load_descriptions, select_classes
 from .errors import ProtextError
 from .features import Features, extract
-from .model import ProText, is_complete
-from .sources import SOURCES, fetch
-from .train import TrainConfig, train
-from .heads import Heads
+from .heads import Heads, head_names
 from .metrics import harmonic_mean, top1
+from .model import ProText
+from .sources import SOURCES, fetch
+from .train import TrainConfig, load_or_train, make_config
 
 B2N_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
+# Each protocol trains with the paper's preset for it.
+PRESETS = {"cross-dataset": "cross-dataset", "domain-generalization": "imagenet-200ep", "base2novel": "base2novel",
+           "text-only": "text-only"}
+
+
+def run(protocol: str, backbone: Backbone, data_root: Path, out: Path, prompts: ProText | None = None,
+        prompts_dir: Path | None = None, descriptions_dir: Path | None = None, datasets: Sequence[str] | None = None,
+        config_file: Path | None = None, overrides: Mapping | None = None, cache_dir: Path | None = None,
+        show_progress: bool = True) -> tuple[dict, dict[str, Path]]:
+    """Run one protocol and write its report to `out`; returns the result and the files written.
+
+    Without `prompts`, cross-dataset and domain generalisation train ImageNet prompts into
+    `out/prompts-<preset>` (or reuse them there); base2novel and text-only train one prompt set
+    per dataset into `prompts_dir` (default `out/prompts`). Settings: the protocol's preset,
+    then `config_file`, then `overrides`.
+    """
+    if protocol not in PRESETS:
+        raise ProtextError(f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}")
+    cfg = make_config(PRESETS[protocol], config_file, overrides)
+    out = Path(out)
+    kw = {"datasets": list(datasets)} if datasets else {}
+    if protocol in ("cross-dataset", "domain-generalization"):
+        if prompts is None:
+            prompts = load_or_train(backbone, lambda: load_descriptions(fetch("cupl:imagenet", cache_dir)), cfg,
+                                    out / f"prompts-{PRESETS[protocol]}", cache_dir, show_progress, source="cupl:imagenet")
+        if protocol == "cross-dataset":
+            result = cross_dataset(backbone, prompts, data_root, cache_dir, show_progress=show_progress, **kw)
+        else:
+            result = domain_generalization(backbone, prompts, data_root, cache_dir, show_progress=show_progress)
+    else:
+        protocol_run = base_to_novel if protocol == "base2novel" else text_only
+        result = protocol_run(backbone, data_root, prompts_dir or out / "prompts", cfg, descriptions_dir, cache_dir,
+                              show_progress=show_progress, **kw)
+    return result, write_report(result, out)
 
 
 def accuracy(features: Features, weights: torch.Tensor) -> float:
@@ -41,6 +75,8 @@ def accuracy(features: Features, weights: torch.Tensor) -> float:
 def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence[str], cache_dir: Path | None = None,
              show_progress: bool = True) -> dict:
     """Top-1 accuracy of each named head on `dataset`, plus counts and skipped files."""
+    for name in names:
+        head_names(name)  # an unknown head is an error before any image is read
     feats = extract(backbone, dataset, cache_dir, show_progress=show_progress)
     row = {"dataset": dataset.name, "split": dataset.split, "classes": len(dataset.classes),
            "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50],
@@ -57,15 +93,6 @@ def descriptions_for(dataset: str, descriptions_dir: Path | None, cache_dir: Pat
     if f"cupl:{dataset}" in SOURCES:
         return load_descriptions(fetch(f"cupl:{dataset}", cache_dir))
     return None
-
-
-def _prompts(folder: Path, backbone: Backbone, data: Mapping, cfg: TrainConfig, cache_dir: Path | None,
-             show_progress: bool) -> ProText:
-    """Load prompts from `folder`, or train them there first (resuming an interrupted run)."""
-    if is_complete(folder):
-        return ProText.from_pretrained(folder, backbone=backbone)
-    model, _ = train(backbone, data, cfg, folder, cache_dir, resume=True, show_progress=show_progress)
-    return model
 
 
 def _each(names: Sequence[str], run: Callable[[str], dict | list[dict]], missing: dict) -> list[dict]:
@@ -122,7 +149,7 @@ def base_to_novel(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: T
             raise ProtextError(f"no descriptions for {name}: expected {descriptions_dir or '<--descriptions-dir>'}/{name}.json")
         base, novel = base_novel(full, "base"), base_novel(full, "novel")
         base_data = select_classes(data, base.classes, name)
-        prompts = _prompts(Path(prompts_dir) / name, backbone, base_data, cfg, cache_dir, show_progress)
+        prompts = load_or_train(backbone, base_data, cfg, Path(prompts_dir) / name, cache_dir, show_progress)
         heads = Heads(backbone, prompts, base_data, cache_dir)  # novel classes have no descriptions: CuPL falls back
         b = evaluate(backbone, base, heads, ("clip", "cupl", "protext"), cache_dir, show_progress)
         n = evaluate(backbone, novel, heads, ("clip", "cupl", "protext"), cache_dir, show_progress)
@@ -145,7 +172,7 @@ def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: Train
         if data is None:
             raise ProtextError(f"no descriptions for {name}: expected {descriptions_dir or '<--descriptions-dir>'}/{name}.json")
         data = select_classes(data, ds.classes, name)
-        prompts = _prompts(Path(prompts_dir) / name, backbone, data, cfg, cache_dir, show_progress)
+        prompts = load_or_train(backbone, data, cfg, Path(prompts_dir) / name, cache_dir, show_progress)
         return evaluate(backbone, ds, Heads(backbone, prompts, data, cache_dir), ("clip", "clip80", "cupl", "protext"),
                         cache_dir, show_progress)
 

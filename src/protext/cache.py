@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ProtextError
 
-
 # Files are created private by mkstemp; they get the permissions any other new file would.
 _UMASK = os.umask(0)
 os.umask(_UMASK)

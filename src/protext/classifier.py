@@ -12,7 +12,7 @@ from PIL import Image
 from .backbone import Backbone, load_backbone
 from .descriptions import load_descriptions, normalize_name
 from .errors import ProtextError
-from .heads import Heads, head_names
+from .heads import Heads, default_heads, head_names
 from .images import UnreadableImage, load_pixels
 from .model import ProText, check_backbone
 from .sources import resolve
@@ -49,27 +49,28 @@ class ProTextClassifier:
     >>> clf.predict(["pet.jpg"]).labels
 
     The constructor takes loaded objects; the two class methods load from names and paths.
-    `dataset` (e.g. "oxford_pets") picks that dataset's templates for the `clip` head and,
-    as for prompts learned on another dataset, ProText's inference template.
+    `dataset` (e.g. "oxford_pets") is where the classes come from: the `clip` head uses its
+    template, and with `cross_dataset` (prompts learned on another dataset) the `protext` head
+    uses its ProText inference template.
     """
 
     def __init__(self, backbone: Backbone, classes: Sequence[str], prompts: ProText | None = None,
                  descriptions: Mapping[str, Sequence[str]] | None = None, head: str | None = None,
-                 dataset: str | None = None, cache_dir: Path | None = None):
+                 dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None):
         if backbone.image is None:
             raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP")
         if prompts is not None and prompts.backbone is not backbone:
             check_backbone(prompts.config, backbone, "prompts")
         self.backbone, self.dataset = backbone, dataset
-        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset=dataset is not None)
-        self.head = head or ("protext" if prompts is not None else "cupl" if descriptions else "clip")
+        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset)
+        self.head = head or default_heads(prompts is not None, bool(descriptions))[-1]
         head_names(self.head)
         self.set_classes(classes)
 
     @classmethod
     def from_prompts(cls, prompts: str | Path | ProText, classes: Sequence[str], backbone: str | Backbone | None = None,
                      descriptions: Mapping[str, Sequence[str]] | str | None = None, head: str | None = None,
-                     dataset: str | None = None, cache_dir: Path | None = None,
+                     dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None,
                      device: str | None = None) -> "ProTextClassifier":
         """Learned prompts (a folder, Hub id or `ProText`) on their own backbone, or on `backbone`
         when given (a copy of the same weights, checked by fingerprint)."""
@@ -78,7 +79,7 @@ class ProTextClassifier:
         if not isinstance(prompts, ProText):
             prompts = ProText.from_pretrained(prompts, backbone=backbone, device=device)
         return cls(backbone or prompts.backbone, classes, prompts, _descriptions(descriptions, cache_dir), head,
-                   dataset, cache_dir)
+                   dataset, cross_dataset, cache_dir)
 
     @classmethod
     def from_backbone(cls, backbone: str | Path | Backbone, classes: Sequence[str],
@@ -88,7 +89,7 @@ class ProTextClassifier:
         """A classifier without learned prompts: the template or description heads only."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(str(backbone), device=device)
-        return cls(backbone, classes, None, _descriptions(descriptions, cache_dir), head, dataset, cache_dir)
+        return cls(backbone, classes, None, _descriptions(descriptions, cache_dir), head, dataset, False, cache_dir)
 
     def set_classes(self, classes: Sequence[str]) -> None:
         """Change the label set; no retraining, only the new class embeddings are computed."""

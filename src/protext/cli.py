@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -11,25 +10,6 @@ from pathlib import Path
 from .cache import to_json
 from .errors import ProtextError
 from .presets import PRESETS
-
-TRAIN_HELP = {
-    "n_ctx": "number of context vectors (replacing 'a photo of a')",
-    "depth": "number of layers that get prompts (1 = input only)",
-    "init": "words to initialise the context from ('none': random with an 'X X ... X' template)",
-    "template": "training input template, '{}' is the class name",
-    "lr": "peak learning rate",
-    "epochs": "training epochs",
-    "batch_size": "pairs per batch",
-    "weight_decay": "AdamW weight decay",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "warmup_epochs": "epochs at the constant warm-up learning rate",
-    "warmup_lr": "warm-up learning rate",
-    "loss": "mse or l1",
-    "loss_scale": "loss multiplier",
-    "seed": "random seed (init and shuffling)",
-    "precision": "auto, fp32, fp16 or bf16 (half precision on CUDA only)",
-}
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -76,13 +56,23 @@ def _train_parser(sub) -> None:
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    """One flag per training setting, its help and type from TrainConfig."""
     from .train import TrainConfig
 
     group = p.add_argument_group("training settings (override the preset and --config)")
     group.add_argument("--config", type=Path, default=None, help="JSON or TOML file of settings, applied over the preset")
+    kinds = {"int": int, "float": float, "str": str}
     for f in fields(TrainConfig):
-        kind = str if f.name in ("init", "template", "loss", "precision") else type(f.default)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, help=TRAIN_HELP[f.name])
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kinds[f.type], default=None,
+                           help=f"{f.metadata['help']} (default: {f.default!r} or the preset's)")
+
+
+def _add_run_settings(p: argparse.ArgumentParser) -> None:
+    """Commands that train on the way (eval-text, benchmark) take settings as a file or KEY=VALUE pairs."""
+    group = p.add_argument_group("training settings (applied over the protocol's preset)")
+    group.add_argument("--config", type=Path, default=None, help="JSON or TOML file of training settings")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="one training setting, e.g. --set lr=0.01 --set init=random (see 'protext train --help')")
 
 
 def _settings(args: argparse.Namespace, preset: str):
@@ -115,66 +105,38 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _eval_text_parser(sub) -> None:
+    from .text_eval import PROTOCOLS
+
     p = sub.add_parser("eval-text", help="check prompts without images, on held-out masked descriptions",
                        description="Image-free check: classify held-out descriptions whose class name is masked, "
                                    "with the template head, ProText prompts and the description ensemble.")
     p.add_argument("--descriptions", nargs="+", required=True, help="description files or set names to test on")
-    p.add_argument("--protocol", choices=["base2novel", "cross-dataset", "both"], default="both")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="both")
     p.add_argument("--source", default="cupl:imagenet", help="cross-dataset: the set prompts are trained on (default: %(default)s)")
     p.add_argument("--holdout", type=float, default=0.2, help="base2novel: share of each base class's descriptions held out (default: %(default)s)")
-    p.add_argument("--eval-seed", type=int, default=1, help="seed of the hold-out split (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=int, default=1, help="seed of the hold-out split (default: %(default)s)")
     p.add_argument("--mask-word", default="thing", help="word that replaces the class name (default: %(default)s)")
-    p.add_argument("--eval-template", default=None,
-                   help="template of both the template and ProText heads (default: as ProText's code, 'a photo of "
+    p.add_argument("--inference-template", default=None,
+                   help="template of both the clip and protext heads (default: as ProText's code, 'a photo of "
                         "a {}.' in base2novel and the target dataset's inference template in cross-dataset, the dataset "
                         "known from the set name, e.g. cupl:dtd or texture_prompts_full.json)")
-    p.add_argument("--out", type=Path, default=Path("eval-text"), help="folder for eval_text.json and eval_text.md")
+    p.add_argument("--out", type=Path, default=Path("eval-text"),
+                   help="folder for eval_text.json, eval_text.md and the trained prompts (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
-    _add_settings_args(p)
+    _add_run_settings(p)
     p.set_defaults(run=_run_eval_text)
 
 
 def _run_eval_text(args: argparse.Namespace) -> None:
-    from .cache import atomic_write_bytes, atomic_write_json
-    from .descriptions import load_descriptions
-    from .sources import resolve
-    from .text_eval import TextEvaluator, check_base_to_novel, markdown_base_to_novel, markdown_cross, set_names
+    from .text_eval import load_sets, run
+    from .train import parse_assignments
 
-    if not 0 < args.holdout < 1:
-        raise ProtextError(f"--holdout must be between 0 and 1, got {args.holdout}")
-    paths = [resolve(spec, args.cache_dir) for spec in args.descriptions]
-    sets = {name: load_descriptions(path) for name, path in zip(set_names(paths), paths)}
-    if args.protocol != "cross-dataset":
-        for name, data in sets.items():
-            check_base_to_novel(name, data)
-    backbone = _backbone(args)
-    report: dict = {"backbone": backbone.name, "holdout": args.holdout, "seed": args.eval_seed, "mask_word": args.mask_word}
-    md = []
-    work = args.out / "runs"
-    if args.protocol in ("base2novel", "both"):
-        ev = TextEvaluator(backbone, _settings(args, "base2novel"), args.cache_dir, args.eval_template, args.mask_word,
-                           not args.no_progress, work)
-        report["base2novel"] = {name: ev.base_to_novel(data, args.holdout, args.eval_seed, name)
-                               for name, data in sets.items()}
-        template = next(iter(report["base2novel"].values()))["template_text"]
-        md += ["## Base-to-novel (top-1 %, masked held-out descriptions)", "",
-               f"Template and ProText heads read \"{template}\".", "", markdown_base_to_novel(report["base2novel"]), ""]
-    if args.protocol in ("cross-dataset", "both"):
-        source = resolve(args.source, args.cache_dir)
-        ev = TextEvaluator(backbone, _settings(args, "cross-dataset"), args.cache_dir, args.eval_template, args.mask_word,
-                           not args.no_progress, work)
-        targets = {n: d for n, d, p in zip(sets, sets.values(), paths) if p.resolve() != source.resolve()}
-        report["cross_dataset"] = ev.cross_dataset(load_descriptions(source), targets)
-        md += [f"## Cross-dataset (prompts trained on {source.stem}; top-1 %)", "", markdown_cross(report["cross_dataset"]), ""]
-    md += ["## Masked examples", ""]
-    for name, r in report.get("base2novel", report.get("cross_dataset", {})).items():
-        for e in r["examples"][:2]:
-            md.append(f"- {name} / {e['class']}: {e['masked']}")
-    text = "\n".join(md) + "\n"
-    atomic_write_json(args.out / "eval_text.json", report)
-    atomic_write_bytes(args.out / "eval_text.md", text.encode())
-    print(text)
+    sets = load_sets(args.descriptions, args.protocol, args.cache_dir)
+    _, markdown = run(_backbone(args), sets, args.out, args.protocol, args.source, args.holdout, args.holdout_seed,
+                      args.mask_word, args.inference_template, args.config, parse_assignments(args.set),
+                      args.cache_dir, not args.no_progress)
+    print(markdown)
 
 
 def _describe_parser(sub) -> None:
@@ -183,11 +145,11 @@ def _describe_parser(sub) -> None:
     p = sub.add_parser("describe", help="generate class descriptions with an LLM",
                        description="Ask an LLM to describe each class (CuPL-style). Each finished class is saved at "
                                    "once; answers received for classes that did not finish are kept in "
-                                   "<out>.partial.json, so rerunning asks only for the answers still missing. A "
+                                   "<output>.partial.json, so rerunning asks only for the answers still missing. A "
                                    "refused API key (HTTP 401/403) stops the run at once.")
     p.add_argument("--classes", required=True, help="a file (one class per line, or a JSON list) or a,b,c")
     p.add_argument("--dataset-kind", default="objects", choices=sorted(QUESTIONS), help="which question set to ask")
-    p.add_argument("--out", type=Path, required=True, help="description JSON file to write (and resume)")
+    p.add_argument("--output", type=Path, required=True, help="description JSON file to write (and resume)")
     p.add_argument("--samples", type=int, default=3, help="answers per question (default: %(default)s)")
     p.add_argument("--base-url", default=None, help="chat-completions server, e.g. http://localhost:11434/v1 "
                                                     "(default: $OPENAI_BASE_URL or https://api.openai.com/v1)")
@@ -206,9 +168,7 @@ def _describe_parser(sub) -> None:
 
 
 def _run_describe(args: argparse.Namespace) -> None:
-    import os
-
-    from .describe import ChatClient, LocalGenerator, Usage, describe
+    from .describe import LocalGenerator, Usage, chat_client, describe
     from .descriptions import read_class_list
 
     if args.samples < 1 or args.concurrency < 1:
@@ -217,17 +177,16 @@ def _run_describe(args: argparse.Namespace) -> None:
     if args.local_model:
         generate = LocalGenerator(args.local_model, args.max_tokens, usage)
     else:
-        base = args.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        generate = ChatClient(base, args.model or os.environ.get("PROTEXT_LLM_MODEL", "gpt-4o-mini"),
-                              args.api_key or os.environ.get("OPENAI_API_KEY"), args.temperature, args.max_tokens,
-                              args.timeout, args.max_retries, usage=usage)
-    report = describe(read_class_list(args.classes), args.dataset_kind, args.out, generate, args.samples,
+        generate = chat_client(args.base_url, args.model, args.api_key, temperature=args.temperature,
+                               max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+                               usage=usage)
+    report = describe(read_class_list(args.classes), args.dataset_kind, args.output, generate, args.samples,
                       args.concurrency, args.max_chars, not args.no_progress)
     report["usage"] = usage.as_dict()
     print(to_json(report))
     if report["failed"]:
-        raise ProtextError(f"{len(report['failed'])} classes got no descriptions (kept out of {args.out}); "
-                           f"rerun the same command to ask for them again")
+        raise ProtextError(f"{len(report['failed'])} classes got no descriptions (kept out of {args.output}; answers "
+                           f"already received are kept beside it); rerun the same command to ask for the rest")
 
 
 def _descriptions_parser(sub) -> None:
@@ -237,7 +196,7 @@ def _descriptions_parser(sub) -> None:
     dsub = p.add_subparsers(dest="action", required=True)
     f = dsub.add_parser("fetch", help="download a public description set into the cache")
     f.add_argument("name", help="set name, e.g. cupl:imagenet (see 'protext descriptions list')")
-    f.add_argument("--out", type=Path, default=None, help="also copy it here")
+    f.add_argument("--output", type=Path, default=None, help="also copy it to this file")
     f.add_argument("--cache-dir", type=Path, default=None)
     f.set_defaults(run=_run_fetch)
     ls = dsub.add_parser("list", help="list the public description sets")
@@ -245,7 +204,7 @@ def _descriptions_parser(sub) -> None:
     i = dsub.add_parser("import", help="convert DCLIP descriptors or a folder of .txt files to protext JSON")
     i.add_argument("source", help="file or folder to read")
     i.add_argument("--format", choices=FORMATS, required=True)
-    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--output", type=Path, required=True, help="protext description JSON file to write")
     i.set_defaults(run=_run_import)
     s = dsub.add_parser("stats", help="classes, sentences per class, duplicates, lengths, coverage")
     s.add_argument("file")
@@ -265,9 +224,9 @@ def _run_fetch(args: argparse.Namespace) -> None:
     from .sources import fetch
 
     path = fetch(args.name, args.cache_dir)
-    if args.out:
-        atomic_write_bytes(args.out, path.read_bytes())
-        path = args.out
+    if args.output:
+        atomic_write_bytes(args.output, path.read_bytes())
+        path = args.output
     print(path)
 
 
@@ -276,8 +235,8 @@ def _run_import(args: argparse.Namespace) -> None:
     from .formats import import_descriptions
 
     data = import_descriptions(args.source, args.format)
-    atomic_write_json(args.out, data)
-    print(f"{args.out}: {len(data)} classes, {sum(map(len, data.values()))} sentences")
+    atomic_write_json(args.output, data)
+    print(f"{args.output}: {len(data)} classes, {sum(map(len, data.values()))} sentences")
 
 
 def _run_stats(args: argparse.Namespace) -> None:
@@ -296,16 +255,20 @@ def _predict_parser(sub) -> None:
                                                         "protext+cupl heads")
     p.add_argument("--head", default=None, help="clip, clip80, cupl, protext or protext+cupl (default: protext with "
                                                 "--prompts, else cupl with --descriptions, else clip)")
-    p.add_argument("--dataset", default=None, help="dataset name whose templates to use (e.g. oxford_pets)")
+    p.add_argument("--dataset", default=None, help="the dataset the classes come from (e.g. oxford_pets): the clip "
+                                                   "head uses its template")
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="the prompts were learned on another dataset: the protext head uses --dataset's inference "
+                        "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
     p.add_argument("--top-k", type=int, default=3, help="labels printed per image (default: %(default)s)")
     _add_backbone_args(p)
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> None:
+    from .classifier import ProTextClassifier
     from .descriptions import load_descriptions, read_class_list
     from .sources import resolve
-    from .classifier import ProTextClassifier
 
     if args.top_k < 1:
         raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
@@ -314,7 +277,7 @@ def _run_predict(args: argparse.Namespace) -> None:
     backbone = prompts.backbone if prompts is not None else _backbone(args)
     descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
     clf = ProTextClassifier(backbone, classes, prompts=prompts, descriptions=descriptions, head=args.head,
-                            dataset=args.dataset, cache_dir=args.cache_dir)
+                            dataset=args.dataset, cross_dataset=args.cross_dataset, cache_dir=args.cache_dir)
     for note in clf.heads.fallback_notes():
         print(note, file=sys.stderr)
     pred = clf.predict(args.images)
@@ -341,7 +304,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--cross-dataset", action="store_true",
                    help="the prompts were learned on another dataset: the protext head uses this dataset's inference "
                         "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
-    p.add_argument("--out", type=Path, default=None, help="also write the result row as JSON here")
+    p.add_argument("--output", type=Path, default=None, help="also write the result row to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
     p.set_defaults(run=_run_eval)
@@ -352,21 +315,20 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .cache import atomic_write_json
     from .datasets import base_novel, load_dataset
     from .descriptions import load_descriptions
+    from .heads import Heads, default_heads
     from .sources import resolve
-    from .heads import Heads
 
     dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
     prompts = _prompts(args.prompts, args) if args.prompts else None
     backbone = prompts.backbone if prompts else _backbone(args)
     descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
-    heads = args.heads.split(",") if args.heads else (["clip"] + (["cupl"] if descriptions else [])
-                                                      + (["protext"] if prompts else []))
+    heads = args.heads.split(",") if args.heads else default_heads(prompts is not None, descriptions is not None)
     built = Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset)
     row = evaluate(backbone, dataset, built, heads, args.cache_dir, not args.no_progress)
     for note in built.fallback_notes():
         print(note, file=sys.stderr)
-    if args.out:
-        atomic_write_json(args.out, row)
+    if args.output:
+        atomic_write_json(args.output, row)
     print(to_json({k: v for k, v in row.items() if k != "skipped_files"}))
     for name, reason in row["skipped_files"]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -375,9 +337,11 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _benchmark_parser(sub) -> None:
+    from .benchmark import PRESETS
+
     p = sub.add_parser("benchmark", help="one of the paper's four protocols, as a table",
                        description="Run one of the paper's protocols; writes <protocol>.json, .md and .png to --out.")
-    p.add_argument("protocol", choices=["cross-dataset", "base2novel", "domain-generalization", "text-only"])
+    p.add_argument("protocol", choices=list(PRESETS), help="the protocol; each trains with the paper's preset for it")
     p.add_argument("--data-root", type=Path, required=True, help="CoOp data root holding the dataset folders")
     p.add_argument("--prompts", default=None, help="cross-dataset / domain-generalization: ImageNet prompts "
                                                    "(default: train them with the matching preset into --out)")
@@ -389,45 +353,19 @@ def _benchmark_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
-    _add_settings_args(p)
+    _add_run_settings(p)
     p.set_defaults(run=_run_benchmark)
 
 
 def _run_benchmark(args: argparse.Namespace) -> None:
     from . import benchmark as bm
-    from .descriptions import load_descriptions
-    from .model import ProText, is_complete
-    from .sources import fetch
-    from .train import train
+    from .train import parse_assignments
 
-    show = not args.no_progress
     backbone = _backbone(args)
-    names = args.datasets.split(",") if args.datasets else None
-    proto = args.protocol
-    if proto in ("cross-dataset", "domain-generalization"):
-        if args.prompts:
-            prompts = _prompts(args.prompts, args, backbone)
-        else:
-            preset = "cross-dataset" if proto == "cross-dataset" else "imagenet-200ep"
-            folder = args.out / f"prompts-{preset}"
-            if is_complete(folder):
-                prompts = ProText.from_pretrained(folder, backbone=backbone)
-            else:
-                data = load_descriptions(fetch("cupl:imagenet", args.cache_dir))
-                prompts, _ = train(backbone, data, _settings(args, preset), folder, args.cache_dir, resume=True,
-                                   show_progress=show, source="cupl:imagenet")
-        if proto == "cross-dataset":
-            kw = {"datasets": names} if names else {}
-            result = bm.cross_dataset(backbone, prompts, args.data_root, args.cache_dir, show_progress=show, **kw)
-        else:
-            result = bm.domain_generalization(backbone, prompts, args.data_root, args.cache_dir, show_progress=show)
-    else:
-        preset = "base2novel" if proto == "base2novel" else "text-only"
-        run = bm.base_to_novel if proto == "base2novel" else bm.text_only
-        kw = {"datasets": names} if names else {}
-        result = run(backbone, args.data_root, args.prompts_dir or args.out / "prompts", _settings(args, preset),
-                     args.descriptions_dir, args.cache_dir, show_progress=show, **kw)
-    files = bm.write_report(result, args.out)
+    prompts = _prompts(args.prompts, args, backbone) if args.prompts else None
+    result, files = bm.run(args.protocol, backbone, args.data_root, args.out, prompts, args.prompts_dir,
+                           args.descriptions_dir, args.datasets.split(",") if args.datasets else None, args.config,
+                           parse_assignments(args.set), args.cache_dir, not args.no_progress)
     print(bm.markdown(result))
     print("wrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)
     if not result["rows"]:

@@ -214,6 +214,19 @@ class ChatClient:
         return content
 
 
+def chat_client(base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+                **options) -> ChatClient:
+    """A ChatClient with the usual environment defaults: $OPENAI_BASE_URL (else OpenAI's API),
+    $PROTEXT_LLM_MODEL (else gpt-4o-mini) and $OPENAI_API_KEY."""
+    import os
+
+    base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    if not base.startswith(("http://", "https://")):
+        raise ProtextError(f"base URL {base!r} must start with http:// or https://")
+    return ChatClient(base, model or os.environ.get("PROTEXT_LLM_MODEL", "gpt-4o-mini"),
+                      api_key or os.environ.get("OPENAI_API_KEY"), **options)
+
+
 class LocalGenerator:
     """A local `transformers` causal language model as the describer."""
 

@@ -78,6 +78,12 @@ def head_names(spec: str) -> list[str]:
     return parts
 
 
+def default_heads(has_prompts: bool, has_descriptions: bool) -> list[str]:
+    """What to evaluate when no head is named: clip, then cupl with descriptions, then protext
+    with prompts; the last is what a classifier uses."""
+    return ["clip"] + (["cupl"] if has_descriptions else []) + (["protext"] if has_prompts else [])
+
+
 class Heads:
     """Builds and memoises class-embedding matrices for one backbone.
 

@@ -26,6 +26,7 @@ PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "protext_config.json"
 INIT_PHRASE = "a photo of a"
 DEFAULT_TEMPLATE = "a photo of a {}."
+RANDOM = "random"  # init: random context vectors instead of the embeddings of words
 FORMAT_VERSION = 1  # of protext_config.json; readers ignore keys they do not know
 
 
@@ -37,7 +38,7 @@ class PromptConfig:
     revision: str | None
     n_ctx: int = 4
     depth: int = 9
-    init: str | None = INIT_PHRASE  # None: random init with the "X X … X" placeholder
+    init: str = INIT_PHRASE  # the words the context starts from, or "random" (placeholder "X X … X")
     template: str = DEFAULT_TEMPLATE
     width: int = 0
     fingerprint: str = ""
@@ -48,14 +49,7 @@ class PromptConfig:
     @property
     def placeholder(self) -> str:
         """The words whose positions the context vectors take."""
-        return self.init if self.init else " ".join(["X"] * self.n_ctx)
-
-
-def resolve_init(n_ctx: int, init: str | None) -> str | None:
-    """The paper's rule: initialise from the words when n_ctx <= 4, else random with X's."""
-    if init and n_ctx <= len(init.split()):
-        return init
-    return None
+        return " ".join(["X"] * self.n_ctx) if self.init == RANDOM else self.init
 
 
 def prompted_text(template: str, name: str, placeholder: str) -> str:
@@ -85,7 +79,7 @@ class ProText(nn.Module):
         if got != config.n_ctx:
             raise ProtextError(
                 f"the context words {config.placeholder!r} are {got} tokens for this tokenizer, but n_ctx is "
-                f"{config.n_ctx}; use n_ctx={got} or random init (init=None)"
+                f"{config.n_ctx}; use n_ctx={got}, or init='random'"
             )
         self.backbone = backbone
         self.config = config
@@ -99,16 +93,16 @@ class ProText(nn.Module):
         self.prompts = nn.Parameter(prompts.float().to(backbone.device))
 
     @classmethod
-    def create(cls, backbone: Backbone, n_ctx: int = 4, depth: int = 9, init: str | None = INIT_PHRASE,
+    def create(cls, backbone: Backbone, n_ctx: int = 4, depth: int = 9, init: str = INIT_PHRASE,
                template: str = DEFAULT_TEMPLATE, seed: int = 0) -> "ProText":
         torch.manual_seed(seed)
-        cfg = PromptConfig(backbone.name, backbone.revision, n_ctx, depth, resolve_init(n_ctx, init), template)
+        cfg = PromptConfig(backbone.name, backbone.revision, n_ctx, depth, init, template)
         return cls(backbone, cfg)
 
     def _initial_prompts(self) -> torch.Tensor:
         cfg, text = self.config, self.backbone.text
         prompts = torch.randn(cfg.depth, cfg.n_ctx, text.width) * 0.02
-        if cfg.init:
+        if cfg.init != RANDOM:
             ids = text.tokenize([cfg.init]).ids[0, 1 : 1 + cfg.n_ctx].to(text.device)
             prompts[0] = text.token_embedding(ids).detach().float().cpu()
         return prompts
@@ -197,6 +191,8 @@ def read_config(path: Path) -> PromptConfig:
     for key, kind in (("n_ctx", int), ("depth", int), ("backbone", str)):
         if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise ProtextError(f"{path}: '{key}' should be {kind.__name__}, got {raw[key]!r}")
+    if raw.get("init", RANDOM) is None:  # files of protext 0.1 wrote null for random
+        raw["init"] = RANDOM
     return PromptConfig(**{k: v for k, v in raw.items() if k in known})
 
 

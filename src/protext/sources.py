@@ -17,22 +17,43 @@ from .errors import ProtextError
 
 _CUPL = "https://raw.githubusercontent.com/sarahpratt/CuPL/719619c829792ff8f37298266e941b7f077c7f5c/all_prompts"
 
-SOURCES: dict[str, str] = {
-    "cupl:imagenet": f"{_CUPL}/base_prompts/imagenet_prompts_base.json",
-    "cupl:caltech101": f"{_CUPL}/full_prompts/cal_prompts_full.json",
-    "cupl:oxford_pets": f"{_CUPL}/full_prompts/pets_prompts_full.json",
-    "cupl:stanford_cars": f"{_CUPL}/full_prompts/cars_prompts_full.json",
-    "cupl:oxford_flowers": f"{_CUPL}/full_prompts/flower_prompts_full.json",
-    "cupl:food101": f"{_CUPL}/full_prompts/food_prompts_full.json",
-    "cupl:fgvc_aircraft": f"{_CUPL}/full_prompts/airplane_prompts_full.json",
-    "cupl:sun397": f"{_CUPL}/full_prompts/sun_prompts_full.json",
-    "cupl:dtd": f"{_CUPL}/full_prompts/texture_prompts_full.json",
-    "cupl:ucf101": f"{_CUPL}/full_prompts/ucf_prompts_full.json",
-    "cupl:cifar10": f"{_CUPL}/full_prompts/cifar10_prompts_full.json",
-    "cupl:cifar100": f"{_CUPL}/full_prompts/cifar100_prompts_full.json",
-    "cupl:eurosat": "https://raw.githubusercontent.com/muzairkhattak/ProText/"
-                    "acd9918452a559d58c482a7400f858569c0283ab/templates/EuroSAT.json",
+# The one list of public CuPL-style sets: dataset name -> file. Set names, URLs and the
+# dataset a file belongs to ("airplane_prompts_full.json" -> fgvc_aircraft) all come from it.
+CUPL_FILES: dict[str, str] = {
+    "imagenet": f"{_CUPL}/base_prompts/imagenet_prompts_base.json",
+    "caltech101": f"{_CUPL}/full_prompts/cal_prompts_full.json",
+    "oxford_pets": f"{_CUPL}/full_prompts/pets_prompts_full.json",
+    "stanford_cars": f"{_CUPL}/full_prompts/cars_prompts_full.json",
+    "oxford_flowers": f"{_CUPL}/full_prompts/flower_prompts_full.json",
+    "food101": f"{_CUPL}/full_prompts/food_prompts_full.json",
+    "fgvc_aircraft": f"{_CUPL}/full_prompts/airplane_prompts_full.json",
+    "sun397": f"{_CUPL}/full_prompts/sun_prompts_full.json",
+    "dtd": f"{_CUPL}/full_prompts/texture_prompts_full.json",
+    "ucf101": f"{_CUPL}/full_prompts/ucf_prompts_full.json",
+    "cifar10": f"{_CUPL}/full_prompts/cifar10_prompts_full.json",
+    "cifar100": f"{_CUPL}/full_prompts/cifar100_prompts_full.json",
+    "eurosat": "https://raw.githubusercontent.com/muzairkhattak/ProText/"
+               "acd9918452a559d58c482a7400f858569c0283ab/templates/EuroSAT.json",
 }
+SOURCES: dict[str, str] = {f"cupl:{dataset}": url for dataset, url in CUPL_FILES.items()}
+
+
+def _short(stem: str) -> str:
+    return stem.removesuffix("_prompts_full").removesuffix("_prompts_base")
+
+
+# CuPL's file stems without their suffix ("texture" for texture_prompts_full.json) -> dataset
+_FILE_DATASETS = {_short(url.rsplit("/", 1)[-1].removesuffix(".json").lower()): d for d, url in CUPL_FILES.items()}
+
+
+def dataset_of(set_name: str) -> str | None:
+    """The dataset a description set belongs to, from its name: a set name ("cupl:dtd"), its cache
+    file ("cupl-dtd"), CuPL's file name ("texture_prompts_full") or the dataset ("dtd");
+    None when unknown. Class names of that set then get that dataset's templates."""
+    name = set_name.lower().rsplit("/", 1)[-1].removesuffix(".json")
+    name = name.removeprefix("cupl:").removeprefix("cupl-")
+    name = _FILE_DATASETS.get(_short(name), _short(name))
+    return name if name in CUPL_FILES or name.startswith("imagenet") else None
 
 
 def cached_path(name: str, cache_dir: Path | None = None) -> Path:

@@ -78,24 +78,6 @@ def protext_template(dataset: str | None, cross_dataset: bool) -> str:
     return PROTEXT_TEMPLATES.get(_family(dataset), "a photo of a {}.") if cross_dataset else "a photo of a {}."
 
 
-# Description sets are named after CuPL's files ("airplane_prompts_full.json"), protext's set
-# names ("cupl:fgvc_aircraft", cached as "cupl-fgvc_aircraft.json") or the dataset itself.
-_SET_DATASETS = {
-    "airplane": "fgvc_aircraft", "cal": "caltech101", "cars": "stanford_cars", "flower": "oxford_flowers",
-    "food": "food101", "pet": "oxford_pets", "pets": "oxford_pets", "sun": "sun397", "texture": "dtd", "ucf": "ucf101",
-}
-
-
-def dataset_of(set_name: str) -> str | None:
-    """The dataset a description set belongs to, so its class names get that dataset's templates."""
-    name = set_name.lower().rsplit("/", 1)[-1].removeprefix("cupl:").removeprefix("cupl-")
-    for suffix in ("_prompts_full", "_prompts_base", "_prompts", "_prompt"):
-        name = name.removesuffix(suffix)
-    name = _SET_DATASETS.get(name, name)
-    known = set(CLIP_TEMPLATES) | {"cifar10", "cifar100"}
-    return name if name in known or name.startswith("imagenet") else None
-
-
 def _family(dataset: str | None) -> str:
     """ImageNet variants use ImageNet's templates."""
     return "imagenet" if dataset and dataset.startswith("imagenet") else (dataset or "")

@@ -29,15 +29,17 @@ from typing import Mapping, Sequence
 import torch
 
 from .backbone import Backbone
-from .errors import ProtextError
-from .cache import sha1
+from .cache import atomic_write_bytes, atomic_write_json, sha1
 from .datasets import split_base_novel
-from .model import ProText, is_complete
-from .templates import dataset_of, protext_template
+from .descriptions import load_descriptions
+from .errors import ProtextError
 from .features import encode_texts
-from .train import TrainConfig, train
 from .heads import ensemble
 from .metrics import harmonic_mean, top1
+from .model import ProText
+from .sources import dataset_of, resolve
+from .templates import protext_template
+from .train import TrainConfig, load_or_train, make_config
 
 STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
 
@@ -127,22 +129,17 @@ class TextEvaluator:
         """Train (or reuse the finished run for exactly these descriptions and settings)."""
         key = sha1(self.backbone.fingerprint(), self.backbone.text.text_rule, json.dumps(data),
                    json.dumps(asdict(self.cfg)))[:16]
-        out = self.work_dir / key
-        if is_complete(out):
-            return ProText.from_pretrained(out, backbone=self.backbone)
-        model, _ = train(self.backbone, data, self.cfg, out, self.cache_dir, resume=True,
-                         show_progress=self.show_progress)
-        return model
+        return load_or_train(self.backbone, data, self.cfg, self.work_dir / key, self.cache_dir, self.show_progress)
 
     def score(self, queries: Queries, classes: Sequence[str], model: ProText,
               train_data: Mapping[str, Sequence[str]] | None, template: str) -> dict[str, float]:
         q = self.encode(queries.texts)
         heads = {
-            "template": self.encode([template.format(c) for c in classes]),
+            "clip": self.encode([template.format(c) for c in classes]),
             "protext": model.encode_classes(classes, template),
         }
         if train_data is not None:
-            heads["ensemble"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
+            heads["cupl"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
         return {name: top1(q, queries.labels, w) for name, w in heads.items()}
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
@@ -157,7 +154,7 @@ class TextEvaluator:
         novel_q = make_queries(data, novel, self.mask_word)
         b = self.score(base_q, base, model, train_part, template)
         n = self.score(novel_q, novel, model, None, template)
-        n["ensemble"] = n["template"]  # no descriptions to train on for novel classes: CuPL falls back
+        n["cupl"] = n["clip"]  # no descriptions to train on for novel classes: CuPL falls back
         result = {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b},
                   "classes": {"base": len(base), "novel": len(novel)},
                   "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)}, "template_text": template,
@@ -185,7 +182,7 @@ def examples(q: Queries, classes: Sequence[str], k: int) -> list[dict]:
 
 
 def markdown_base_to_novel(results: Mapping[str, dict]) -> str:
-    heads = ["template", "ensemble", "protext"]
+    heads = ["clip", "cupl", "protext"]
     lines = ["| set | " + " | ".join(f"{h} base / novel / HM" for h in heads) + " |", "|---" * (len(heads) + 1) + "|"]
     mean = {h: [0.0, 0.0, 0.0] for h in heads}
     for name, r in results.items():
@@ -200,10 +197,62 @@ def markdown_base_to_novel(results: Mapping[str, dict]) -> str:
 
 
 def markdown_cross(results: Mapping[str, dict]) -> str:
-    lines = ["| target set | template | protext | template text |", "|---|---|---|---|"]
+    lines = ["| target set | clip | protext | template text |", "|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['template']:.1f} | {r['protext']:.1f} | {r.get('template_text', '')} |")
+        lines.append(f"| {name} | {r['clip']:.1f} | {r['protext']:.1f} | {r.get('template_text', '')} |")
     n = max(len(results), 1)
-    lines.append(f"| **mean** | {sum(r['template'] for r in results.values()) / n:.1f} | "
+    lines.append(f"| **mean** | {sum(r['clip'] for r in results.values()) / n:.1f} | "
                  f"{sum(r['protext'] for r in results.values()) / n:.1f} | |")
     return "\n".join(lines)
+
+
+PROTOCOLS = ("base2novel", "cross-dataset", "both")
+
+
+def load_sets(specs: Sequence[str], protocol: str = "both", cache_dir: Path | None = None) -> dict[str, dict]:
+    """Description sets by distinct name (see `set_names`), each checked for `protocol` before any work."""
+    if protocol not in PROTOCOLS:
+        raise ProtextError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    paths = [resolve(spec, cache_dir) for spec in specs]
+    sets = {name: {"path": path, "data": load_descriptions(path)} for name, path in zip(set_names(paths), paths)}
+    if protocol != "cross-dataset":
+        for name, entry in sets.items():
+            check_base_to_novel(name, entry["data"])
+    return sets
+
+
+def run(backbone: Backbone, sets: Mapping[str, dict], out: Path, protocol: str = "both", source: str = "cupl:imagenet",
+        holdout: float = 0.2, seed: int = 1, mask_word: str = "thing", template: str | None = None,
+        config_file: Path | None = None, overrides: Mapping | None = None, cache_dir: Path | None = None,
+        show_progress: bool = True) -> tuple[dict, str]:
+    """The image-free check of `sets` (from `load_sets`); writes eval_text.json and eval_text.md to `out`
+    and returns the report and its Markdown. Settings: each protocol's preset, then `config_file`, then
+    `overrides`; trained prompts are kept under `out/runs`, so a rerun reuses them."""
+    if not 0 < holdout < 1:
+        raise ProtextError(f"holdout must be between 0 and 1, got {holdout}")
+    report: dict = {"backbone": backbone.name, "holdout": holdout, "seed": seed, "mask_word": mask_word}
+    md: list[str] = []
+
+    def evaluator(preset: str) -> TextEvaluator:
+        return TextEvaluator(backbone, make_config(preset, config_file, overrides), cache_dir, template, mask_word,
+                             show_progress, Path(out) / "runs")
+
+    if protocol in ("base2novel", "both"):
+        ev = evaluator("base2novel")
+        report["base2novel"] = {name: ev.base_to_novel(e["data"], holdout, seed, name) for name, e in sets.items()}
+        text = next(iter(report["base2novel"].values()))["template_text"]
+        md += ["## Base-to-novel (top-1 %, masked held-out descriptions)", "",
+               f"The clip and protext heads read \"{text}\".", "", markdown_base_to_novel(report["base2novel"]), ""]
+    if protocol in ("cross-dataset", "both"):
+        source_path = resolve(source, cache_dir)
+        targets = {n: e["data"] for n, e in sets.items() if e["path"].resolve() != source_path.resolve()}
+        report["cross_dataset"] = evaluator("cross-dataset").cross_dataset(load_descriptions(source_path), targets)
+        md += [f"## Cross-dataset (prompts trained on {source_path.stem}; top-1 %)", "",
+               markdown_cross(report["cross_dataset"]), ""]
+    md += ["## Masked examples", ""]
+    for name, r in report.get("base2novel", report.get("cross_dataset", {})).items():
+        md += [f"- {name} / {e['class']}: {e['masked']}" for e in r["examples"][:2]]
+    markdown = "\n".join(md) + "\n"
+    atomic_write_json(Path(out) / "eval_text.json", report)
+    atomic_write_bytes(Path(out) / "eval_text.md", markdown.encode())
+    return report, markdown

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,7 +28,7 @@ from .cache import atomic_save_tensors, load_tensors, sha1
 from .descriptions import pairs, read_json, read_text
 from .errors import ProtextError
 from .features import encode_texts
-from .model import ProText
+from .model import DEFAULT_TEMPLATE, INIT_PHRASE, ProText, is_complete
 from .presets import PRESETS
 from .templates import check_template
 from .text_encoder import pad
@@ -37,32 +37,38 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
 
 
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a run. Defaults are the cross-dataset preset."""
+    """Every setting of a run; each field's `help` is its documentation and its --flag's help.
+    Defaults are the cross-dataset preset."""
 
-    n_ctx: int = 4
-    depth: int = 9
-    init: str | None = "a photo of a"
-    template: str = "a photo of a {}."
-    lr: float = 0.03
-    epochs: int = 10
-    batch_size: int = 256
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-5
-    loss: str = "mse"  # "mse" or "l1"
-    loss_scale: float = 1000.0
-    seed: int = 1
-    precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16"
+    n_ctx: int = _setting(4, "number of context vectors (they take the place of 'a photo of a')")
+    depth: int = _setting(9, "number of layers that get prompts (1 = input only)")
+    init: str = _setting(INIT_PHRASE, "'random', or the words to initialise the context from (as many tokens as "
+                                      "n_ctx)")
+    template: str = _setting(DEFAULT_TEMPLATE, "training input template; '{}' is the class name")
+    lr: float = _setting(0.03, "peak learning rate")
+    epochs: int = _setting(10, "training epochs")
+    batch_size: int = _setting(256, "(class, description) pairs per batch")
+    weight_decay: float = _setting(0.1, "AdamW weight decay")
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.98, "AdamW beta2")
+    warmup_epochs: int = _setting(5, "epochs at the constant warm-up learning rate")
+    warmup_lr: float = _setting(1e-5, "warm-up learning rate")
+    loss: str = _setting("mse", "mse or l1")
+    loss_scale: float = _setting(1000.0, "loss multiplier")
+    seed: int = _setting(1, "random seed (initialisation and shuffling)")
+    precision: str = _setting("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (any device)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
-        if isinstance(self.init, str) and self.init.strip().lower() in ("", "none"):
-            self.init = None
+        if not self.init.strip():
+            raise ProtextError("init must be 'random' or the words to initialise the context from, got ''")
         if self.loss not in ("mse", "l1"):
             raise ProtextError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
@@ -76,7 +82,7 @@ class TrainConfig:
 
 
 # What each setting accepts; a float setting takes an int too ("lr = 1" in a config file).
-_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "str": (str,), "str | None": (str, type(None))}
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "str": (str,)}
 
 
 def check_setting(name: str, value: Any, where: str = "") -> Any:
@@ -84,12 +90,28 @@ def check_setting(name: str, value: Any, where: str = "") -> Any:
     kind = TrainConfig.__dataclass_fields__[name].type
     allowed = _KINDS[kind]
     if isinstance(value, bool) or not isinstance(value, allowed):
-        expected = {"int": "a whole number", "float": "a number", "str": "a string",
-                    "str | None": "a string (or null for random init)"}[kind]
+        expected = {"int": "a whole number", "float": "a number", "str": "a string"}[kind]
         raise ProtextError(f"{where}setting '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):
         raise ProtextError(f"{where}setting '{name}' must be a finite number, got {value!r}")
     return float(value) if kind == "float" else value
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """Settings given as KEY=VALUE (`--set lr=0.01 --set init=random`); values are JSON where they
+    parse as JSON (numbers, true, null), else strings. Types are checked by `TrainConfig`."""
+    out: dict[str, Any] = {}
+    known = {f.name for f in fields(TrainConfig)}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise ProtextError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def make_config(preset: str | None = None, config_file: str | Path | None = None,
@@ -254,6 +276,19 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     return model, summary
 
 
+def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] | Callable[[], Mapping],
+                  cfg: TrainConfig, folder: str | Path, cache_dir: Path | None = None, show_progress: bool = True,
+                  source: str | None = None) -> ProText:
+    """The prompts in `folder` when a finished run is there, else train them there (resuming
+    an interrupted run). Benchmarks and the image-free check use this, so a rerun reuses work.
+    `descriptions` may be a function, called only when training is needed (a download, say)."""
+    if is_complete(folder):
+        return ProText.from_pretrained(folder, backbone=backbone)
+    data = descriptions() if callable(descriptions) else descriptions
+    model, _ = train(backbone, data, cfg, folder, cache_dir, resume=True, show_progress=show_progress, source=source)
+    return model
+
+
 def _diverged(out: Path, epoch: int, step: int, value: float, cfg: TrainConfig) -> ProtextError:
     kept = (f"the checkpoint of the last finished epoch is kept in {out / CHECKPOINT}"
             if (out / CHECKPOINT).exists() else "no epoch had finished, so nothing was saved")
@@ -264,16 +299,38 @@ def _diverged(out: Path, epoch: int, step: int, value: float, cfg: TrainConfig) 
 
 def _save_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
                      epochs_done: int, data_hash: str, epoch_loss: float) -> None:
-    tensors = {"prompts": model.prompts.detach()}
-    state = opt.state.get(model.prompts, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            tensors[key] = state[key]
+    """Prompts and the optimiser's whole state (its tensors as tensors, the rest as JSON), atomically."""
+    opt_tensors, opt_meta = _split_state(opt.state_dict())
     meta = {"epochs_done": epochs_done, "epoch_loss": epoch_loss, "config": asdict(cfg), "data_sha1": data_hash,
-            "adam_step": float(state["step"]) if "step" in state else 0.0,
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": opt_meta, "scaler": scaler.state_dict() if scaler is not None else None,
             "backbone": model.config.backbone, "fingerprint": model.config.fingerprint}
-    atomic_save_tensors(path, tensors, {"protext_checkpoint": json.dumps(meta)})
+    atomic_save_tensors(path, {"prompts": model.prompts.detach(), **opt_tensors},
+                        {"protext_checkpoint": json.dumps(meta)})
+
+
+def _split_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser state_dict as safetensors tensors ("optimizer.<param>.<key>") plus JSON for the rest."""
+    tensors, values = {}, {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{key}"] = value
+            else:
+                values[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "values": values}
+
+
+def _join_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of `_split_state`."""
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = tensor
+    for name, value in meta["values"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
@@ -284,8 +341,8 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("protext_checkpoint", "null") or "null")
-    if not meta or "prompts" not in tensors:
-        raise ProtextError(f"{path}: not a protext checkpoint")
+    if not meta or "prompts" not in tensors or "optimizer" not in meta:
+        raise ProtextError(f"{path}: not a checkpoint this protext can resume; train again into a new --out")
     saved = meta["config"]
     diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
     if diff:
@@ -297,10 +354,7 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
         raise ProtextError(f"{path}: cannot resume, the checkpoint was made with backbone '{meta['backbone']}' (other weights)")
     with torch.no_grad():
         model.prompts.copy_(tensors["prompts"].to(model.prompts.device))
-    if "exp_avg" in tensors:
-        dev = model.prompts.device
-        opt.state[model.prompts] = {"step": torch.tensor(meta["adam_step"]),
-                                    "exp_avg": tensors["exp_avg"].to(dev), "exp_avg_sq": tensors["exp_avg_sq"].to(dev)}
+    opt.load_state_dict(_join_state(tensors, meta["optimizer"]))
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return int(meta["epochs_done"]), float(meta["epoch_loss"])
