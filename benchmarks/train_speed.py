@@ -1,17 +1,21 @@
-"""Optimiser steps per second: protext's training step vs the plain one, on a ViT-B/16-shaped CLIP.
+"""Optimiser steps per second: protext's training step vs the plain one, on a B/16-shaped CLIP or SigLIP.
 
-The text tower has CLIP ViT-B/16's shape (width 512, 12 layers, 8 heads, 77 tokens, 49,408
-token ids, projection 512), randomly initialised; batches are 256 (class, description) pairs
-drawn from the real CuPL ImageNet descriptions. Both paths run the same prompted forward:
+The text tower is randomly initialised with the shape of CLIP ViT-B/16 (`--backbone clip`:
+width 512, 12 layers, 8 heads, 77 tokens, 49,408 token ids, projection 512) or of SigLIP
+B/16 (`--backbone siglip`: width 768, 12 layers, 12 heads, 64 tokens, 32,000 token ids,
+head 768); batches are 256 (class, description) pairs drawn from the real CuPL ImageNet
+descriptions. Both paths run the same prompted forward:
 
-- fast:  cached targets, each distinct class in the batch encoded once, sequences cut to the
-         longest in the batch (what `protext train` does);
-- plain: targets re-encoded every step, one input per pair, every sequence 77 tokens.
+- fast:  what `protext train` does: cached targets, each distinct class in the batch encoded
+         once, and for CLIP sequences cut to the longest in the batch (SigLIP's features
+         depend on the padding, so its sequences stay 64 tokens);
+- plain: targets re-encoded every step, one input per pair, every sequence at the full
+         context (77 tokens for CLIP, 64 for SigLIP).
 
 Each path runs in its own child process so that its peak memory can be read separately.
 The last line printed is the ratio of steps per second, fast over plain.
 
-    python benchmarks/train_speed.py [--fast-steps 10] [--plain-steps 2]
+    python benchmarks/train_speed.py [--backbone clip|siglip] [--fast-steps 10] [--plain-steps 2]
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTIONS = ROOT.parent / "shared" / "data" / "descriptions" / "cupl" / "imagenet_prompts_base.json"
 BATCH = 256
+# The text tower each --backbone builds: (description, tiny builder, its keyword arguments).
+SHAPES = {
+    "clip": ("ViT-B/16-shaped text tower", "tiny_clip",
+             dict(width=512, layers=12, heads=8, vocab_size=49408, context=77, projection=512)),
+    "siglip": ("SigLIP-B/16-shaped text tower", "tiny_siglip",
+               dict(width=768, layers=12, heads=12, vocab_size=32000, context=64, vision_heads=4)),  # tiny image tower
+}
 
 
 def rss_mb() -> float:
@@ -56,24 +67,24 @@ class PeakRSS:
         self._thread.join()
 
 
-def build(device: str):
+def build(device: str, shape: str):
+    from protext import tiny
     from protext.descriptions import load_descriptions, pairs
     from protext.model import ProText
-    from protext.tiny import tiny_clip
 
     data = load_descriptions(DESCRIPTIONS)
     classes, texts, cls_idx, txt_idx = pairs(data)
     # A word-level vocabulary from the descriptions themselves, so sequences are about as long
-    # as real CLIP BPE makes them.
+    # as real BPE / SentencePiece tokenizers make them.
     counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower()))
     words = ["a", "photo", "of"] + [w for w, _ in counts.most_common(20000)]
-    backbone = tiny_clip(seed=0, words=words, width=512, layers=12, heads=8,
-                         vocab_size=49408, context=77, projection=512).to(device)
+    _, builder, config = SHAPES[shape]
+    backbone = getattr(tiny, builder)(seed=0, words=words, **config).to(device)
     model = ProText.create(backbone, n_ctx=4, depth=9, seed=0)
     return backbone, model, classes, texts, cls_idx, txt_idx
 
 
-def child(path: str, steps: int, device: str) -> dict:
+def child(path: str, steps: int, device: str, shape: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -81,7 +92,7 @@ def child(path: str, steps: int, device: str) -> dict:
 
     from protext.train import TrainConfig, batch_loss
 
-    backbone, model, classes, texts, cls_idx, txt_idx = build(device)
+    backbone, model, classes, texts, cls_idx, txt_idx = build(device, shape)
     cfg = TrainConfig(n_ctx=4, depth=9)
     opt = torch.optim.AdamW([model.prompts], lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(0)
@@ -136,25 +147,26 @@ def main() -> None:
     ap.add_argument("--fast-steps", type=int, default=10)
     ap.add_argument("--plain-steps", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backbone", choices=sorted(SHAPES), default="clip", help="shape of the random text tower")
     ap.add_argument("--child", choices=["fast", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         steps = args.fast_steps if args.child == "fast" else args.plain_steps
-        print(json.dumps(child(args.child, steps, args.device)))
+        print(json.dumps(child(args.child, steps, args.device, args.backbone)))
         return
     import torch
 
     results = {}
     for path in ("fast", "plain"):
         cmd = [sys.executable, __file__, "--child", path, "--fast-steps", str(args.fast_steps),
-               "--plain-steps", str(args.plain_steps), "--device", args.device]
+               "--plain-steps", str(args.plain_steps), "--device", args.device, "--backbone", args.backbone]
         out = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), **_env()})
         if out.returncode != 0:
             sys.exit(out.stderr)
         results[path] = json.loads(out.stdout.strip().splitlines()[-1])
     f, p = results["fast"], results["plain"]
     print(f"device: {args.device}, torch threads: {torch.get_num_threads()}, batch: {BATCH} pairs, "
-          f"ViT-B/16-shaped text tower, n_ctx 4, depth 9")
+          f"{SHAPES[args.backbone][0]}, n_ctx 4, depth 9")
     print(f"one-time target encoding (fast path): {f['targets_encoded']} descriptions in {f['target_encoding_s']:.1f} s")
     print(f"distinct classes per batch: {f['distinct_classes_per_batch']:.1f} of {BATCH}")
     print("| path | steps | steps/s | pairs/s | peak RSS during steps MiB | RSS before steps MiB |")

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from support import CUPL, SHARED, make_coop_tree
+from support import CUPL, DCLIP, SHARED, make_coop_tree
 
 from protext import benchmark as bm
 from protext.cli import main
@@ -70,6 +70,10 @@ def coop_root(tmp_path, shared):
     descs.mkdir()
     shutil.copy(CUPL / "eurosat_prompts_full.json", descs / "eurosat.json")
     shutil.copy(CUPL / "texture_prompts_full.json", descs / "dtd.json")
+    descriptors = tmp_path / "descriptors"  # DCLIP's: DTD's names match CoOp's, EuroSAT's do not
+    descriptors.mkdir()
+    shutil.copy(DCLIP / "descriptors_dtd.json", descriptors / "dtd.json")
+    shutil.copy(DCLIP / "descriptors_eurosat.json", descriptors / "eurosat.json")
     return root, descs
 
 
@@ -92,9 +96,19 @@ def test_base2novel_and_text_only_protocols_end_to_end(tiny_folder, tmp_path, co
     assert "paper mean" in md and "72.95 / 76.98 / 74.91" in md and "ucf101" in md
     with Image.open(out / "base2novel.png") as png:
         assert png.size[0] > 300
-    assert main(["benchmark", "text-only", *args]) == 0
+    assert main(["benchmark", "text-only", *args, "--descriptors-dir", str(tmp_path / "descriptors"),
+                 "--waffle-seeds", "2"]) == 0
     text_only = json.loads((out / "text-only.json").read_text())
-    assert {"clip", "clip80", "cupl", "protext"} <= set(text_only["rows"][0])
+    eurosat, dtd = text_only["rows"]
+    assert {"clip", "clip80", "dclip", "waffle", "cupl", "protext", "protext+cupl"} <= set(dtd)
+    assert "dclip" not in eurosat and "no descriptors for 4 requested classes" in eurosat["not_run"]["dclip"]
+    assert "'Herbaceous Vegetation Land'" in eurosat["not_run"]["dclip"]  # names the classes it lacks
+    md = (out / "text-only.md").read_text()
+    for method, published in (("CLIP", 66.72), ("CLIP-80", 68.32), ("DCLIP", 68.03), ("WaffleCLIP", 68.34),
+                              ("CuPL", 69.62), ("ProText", 70.22)):
+        assert f"| {method} | not run | {published} |" in md  # no ImageNet here, the paper's figure beside it
+    assert "| ProText+CuPL | not run | – |" in md and "mean of 2 seeds" in md
+    assert "eurosat / dclip:" in md
 
 
 def test_cross_dataset_and_domain_generalization_protocols(tiny_folder, tmp_path, coop_root):

@@ -51,7 +51,7 @@ def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     assert not torch.allclose(cross.get("protext", CLASSES, "oxford_pets"), pro, atol=1e-3)
     assert torch.allclose(cross.get("protext", CLASSES, "imagenet"), pro, atol=1e-6)
     with pytest.raises(ProtextError, match="unknown head"):
-        heads.get("waffle", CLASSES)
+        heads.get("nope", CLASSES)
     with pytest.raises(ProtextError, match="needs learned prompts"):
         Heads(tiny).get("protext", CLASSES)
 
@@ -108,8 +108,8 @@ def test_any_heads_join_with_plus_as_their_renormalised_mean(tiny, prompts, tmp_
     for combo in ("clip+cupl", "clip80+protext", "clip+cupl+protext"):
         want = F.normalize(sum(heads.get(h, CLASSES) for h in combo.split("+")), dim=-1)
         assert torch.allclose(heads.get(combo, CLASSES), want, atol=1e-6)
-    with pytest.raises(ProtextError, match="unknown head 'dclip'.*join them with '\\+'"):
-        heads.get("clip+dclip", CLASSES)
+    with pytest.raises(ProtextError, match="unknown head 'nope'.*join them with '\\+'"):
+        heads.get("clip+nope", CLASSES)
 
 
 def test_classifier_constructors_load_one_backbone(tiny_folder, tmp_path, monkeypatch):

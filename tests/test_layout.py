@@ -5,7 +5,8 @@ import ast
 from support import ROOT
 
 PACKAGE = ROOT / "src" / "protext"
-INFERENCE = {"classifier", "heads", "features", "model", "backbone", "text_encoder", "images", "metrics"}
+INFERENCE = {"classifier", "heads", "baselines", "features", "model", "backbone", "text_encoder", "images", "metrics",
+             "serve", "api", "label", "distributed", "export"}
 TRAINING = {"train", "benchmark", "text_eval", "describe", "cli"}
 
 

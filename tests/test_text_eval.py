@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
-from support import CUPL
+from support import CUPL, DCLIP
 
 from protext.cli import main
 from protext.datasets import split_base_novel
 from protext.heads import ensemble
 from protext.metrics import harmonic_mean
 from protext.metrics import top1 as accuracy
-from protext.text_eval import TextEvaluator, hold_out, make_queries, mask_class_name
+from protext.text_eval import TextEvaluator, hold_out, make_queries, markdown_base_to_novel, mask_class_name
 from protext.train import TrainConfig
 
 
@@ -65,7 +65,7 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
     assert r["classes"] == {"base": 5, "novel": 5}
     assert r["queries"] == {"base": 25, "novel": 125}
     for split in ("base", "novel", "hm"):
-        assert set(r[split]) == {"clip", "protext", "cupl"}
+        assert set(r[split]) == {"clip", "protext", "cupl", "waffle"}  # no DCLIP descriptors given: no dclip
         assert all(0 <= v <= 100 for v in r[split].values())
     assert r["novel"]["cupl"] == r["novel"]["clip"]
     assert all("thing" in e["masked"] for e in r["examples"])
@@ -145,3 +145,19 @@ def test_eval_text_refuses_a_one_class_set_before_any_work(tiny_folder, tmp_path
     assert code == 2
     assert "one: base-to-novel needs at least 2 classes" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_dclip_and_waffle_heads_in_the_image_free_check(tiny, tmp_path):
+    from protext.descriptions import load_descriptions
+    from protext.heads import Waffle
+
+    dtd = load_descriptions(CUPL / "texture_prompts_full.json")
+    descriptors = load_descriptions(DCLIP / "descriptors_dtd.json", item="descriptor")
+    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=1, warmup_epochs=0), cache_dir=tmp_path,
+                       waffle=Waffle(count=3, seed=1), descriptors={"dtd": descriptors})
+    r = ev.base_to_novel(dtd, name="texture_prompts_full")
+    assert {"dclip", "waffle"} <= set(r["hm"])  # dtd's descriptors cover every class: dclip runs
+    other = ev.base_to_novel(load_descriptions(CUPL / "eurosat_prompts_full.json"), name="eurosat_prompts_full")
+    assert "dclip" not in other["hm"] and "waffle" in other["hm"]  # no EuroSAT descriptors were given
+    md = markdown_base_to_novel({"dtd": r, "eurosat": other})
+    assert "dclip base / novel / HM" in md and "| eurosat |" in md and " – |" in md

@@ -1,9 +1,16 @@
-"""Load a frozen backbone: a CLIP (text and image towers) or a BERT-style text encoder.
+"""Load a frozen backbone: a CLIP or SigLIP (text and image towers) or a BERT-style text encoder.
 
 `load_backbone(name)` takes a Hugging Face Hub id or a local folder saved by
-`transformers`. CLIP checkpoints (model_type "clip") give both towers; BERT-style
-sentence encoders (model_type "bert", e.g. sentence-transformers/all-MiniLM-L6-v2) give the
-text tower only, which is enough to learn and check prompts without images.
+`transformers`. CLIP (model_type "clip") and SigLIP checkpoints give both towers: SigLIP
+(model_type "siglip", google/siglip-*), SigLIP 2 at fixed resolution (also "siglip", with
+a Gemma tokenizer: google/siglip2-*-224 …) and SigLIP 2 NaFlex ("siglip2",
+google/siglip2-*-naflex). BERT-style sentence encoders (model_type "bert", e.g.
+sentence-transformers/all-MiniLM-L6-v2) give the text tower only, which is enough to learn
+and check prompts without images.
+
+What differs between families is data here and in the towers: the text tower class, the
+image size rule and normalisation, and how image-text scores are made (`logit_bias`: SigLIP's
+sigmoid loss has a learned bias, CLIP's softmax none).
 """
 
 from __future__ import annotations
@@ -17,30 +24,43 @@ import torch
 from torch import nn
 
 from .errors import ProtextError
-from .text_encoder import BertText, ClipText, TextTower
+from .images import NaFlex, Size
+from .text_encoder import BertText, ClipText, Siglip2Text, SiglipText, TextTower
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 
-# CLIP's image normalisation, used when a checkpoint ships no preprocessor config.
+# Image normalisation when a checkpoint ships no preprocessor config: CLIP's, and SigLIP's 0.5.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+MODEL_TYPES = ("clip", "siglip", "siglip2", "bert")
 
 
 @dataclass
 class ImageTower:
-    """The frozen CLIP image encoder and the preprocessing facts that go with it."""
+    """A frozen image encoder, its projection (identity for SigLIP, whose pooled output is the
+    embedding) and the preprocessing facts that go with it (`images.Size`)."""
 
     model: nn.Module
-    projection: nn.Linear
-    image_size: int
+    projection: nn.Module
+    image_size: Size
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = self.model(pixel_values=pixels).pooler_output
+        pooled = self.model(**self._inputs(pixels)).pooler_output
         return torch.nn.functional.normalize(self.projection(pooled).float(), dim=-1)
+
+    def _inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vision model's arguments; NaFlex patches carry their grid positions (see `images.NaFlex`)."""
+        if not isinstance(self.image_size, NaFlex):
+            return {"pixel_values": pixels}
+        grid = pixels[..., -2:]
+        return {"pixel_values": pixels[..., :-2], "pixel_attention_mask": (grid[..., 0] >= 0).long(),
+                "spatial_shapes": (grid.amax(dim=1) + 1).long()}
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -70,6 +90,7 @@ class Backbone:
     text: TextTower
     image: ImageTower | None = None
     logit_scale: float = 100.0
+    logit_bias: float | None = None  # SigLIP's learned bias of its sigmoid loss; CLIP has none
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -96,7 +117,8 @@ class Backbone:
         return self._fingerprint
 
 
-SUPPORTED = "protext supports CLIP ('clip') and BERT-style text encoders ('bert')"
+SUPPORTED = ("protext supports CLIP ('clip'), SigLIP and SigLIP 2 ('siglip', 'siglip2') and BERT-style text "
+             "encoders ('bert')")
 
 
 def _first_line(err: Exception) -> str:
@@ -129,7 +151,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
         if local.exists():
             raise ProtextError(f"{local / 'config.json'}: not a readable model config ({_first_line(e)})") from e
         raise _hub_error(name, revision, e) from e
-    if config.model_type not in ("clip", "bert"):
+    if config.model_type not in MODEL_TYPES:
         raise ProtextError(f"backbone '{name}' has model_type '{config.model_type}'. {SUPPORTED}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
@@ -138,6 +160,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
     except Exception as e:  # safetensors, OSError, size mismatches: many classes, one meaning
         if not local.exists() and isinstance(e, OSError):
             raise _hub_error(name, revision, e) from e
+        if isinstance(e, ImportError):  # e.g. SigLIP's SentencePiece tokenizer without the sentencepiece package
+            raise ProtextError(f"backbone '{name}': its tokenizer needs a package that is not installed "
+                               f"({_first_line(e)}); install it, e.g. pip install sentencepiece") from e
         raise ProtextError(
             f"backbone '{name}': could not read its tokenizer or weights ({e.__class__.__name__}: {_first_line(e)}); "
             f"the files may be truncated or damaged: download them again"
@@ -149,19 +174,45 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
 
 
 def from_model(model: nn.Module, tokenizer, name: str, revision: str | None = None, folder: Path | None = None) -> Backbone:
-    """Wrap an already loaded `transformers` model (CLIPModel or a BERT-style model)."""
+    """Wrap an already loaded `transformers` model (CLIPModel, SiglipModel, Siglip2Model or a BERT-style model)."""
     model.eval().requires_grad_(False)
-    if hasattr(model, "text_model"):
+    model_type = model.config.model_type
+    if model_type == "clip":
         text = ClipText(tokenizer, model.text_model, model.text_projection)
-        mean, std = _preprocessor_stats(folder)
+        mean, std = _preprocessor_stats(folder, CLIP_MEAN, CLIP_STD)
         image = ImageTower(model.vision_model, model.visual_projection, model.config.vision_config.image_size, mean, std)
         return Backbone(name, revision, text, image, float(model.logit_scale.exp()))
+    if model_type in ("siglip", "siglip2"):
+        return _siglip(model, tokenizer, name, revision, folder)
     return Backbone(name, revision, BertText(tokenizer, model))
 
 
-def _preprocessor_stats(folder: Path | None) -> tuple[tuple, tuple]:
+def _siglip(model: nn.Module, tokenizer, name: str, revision: str | None, folder: Path | None) -> Backbone:
+    """SigLIP or SigLIP 2. The tokenizer tells the text rules apart: SigLIP's SentencePiece one pads
+    with EOS, SigLIP 2's Gemma one (in its fixed-resolution checkpoints too, whose model_type is
+    'siglip') has a pad token of its own. NaFlex checkpoints (model_type 'siglip2') take patches."""
+    gemma = model.config.model_type == "siglip2" or tokenizer.pad_token_id != tokenizer.eos_token_id
+    text = (Siglip2Text if gemma else SiglipText)(tokenizer, model.text_model)
+    vision = model.config.vision_config
+    mean, std = _preprocessor_stats(folder, SIGLIP_MEAN, SIGLIP_STD)
+    if model.config.model_type == "siglip2":
+        size: Size = NaFlex(vision.patch_size, _preprocessor_config(folder).get("max_num_patches", vision.num_patches))
+    else:
+        size = (vision.image_size, vision.image_size)
+    image = ImageTower(model.vision_model, nn.Identity(), size, mean, std)
+    return Backbone(name, revision, text, image, float(model.logit_scale.exp()), float(model.logit_bias))
+
+
+def _preprocessor_config(folder: Path | None) -> dict:
+    """The folder's preprocessor_config.json, or {} (Hub models and folders without one)."""
     if folder is not None and (folder / "preprocessor_config.json").is_file():
-        cfg = json.loads((folder / "preprocessor_config.json").read_text())
-        if "image_mean" in cfg and "image_std" in cfg:
-            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
-    return CLIP_MEAN, CLIP_STD
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    return {}
+
+
+def _preprocessor_stats(folder: Path | None, mean: tuple, std: tuple) -> tuple[tuple, tuple]:
+    """The checkpoint's image mean and std, else the family's (`mean`, `std`)."""
+    cfg = _preprocessor_config(folder)
+    if "image_mean" in cfg and "image_std" in cfg:
+        return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    return mean, std

@@ -25,10 +25,10 @@ from .datasets import CROSS_DATASET_TARGETS, DOMAIN_SHIFTS, Dataset, base_novel,
 from .descriptions import load_descriptions, select_classes
 from .errors import ProtextError
 from .features import Features, extract
-from .heads import Heads, head_names
+from .heads import Heads, Waffle, head_names
 from .metrics import harmonic_mean, top1
 from .model import ProText
-from .sources import SOURCES, fetch
+from .sources import SOURCES, fetch, load_descriptors
 from .train import TrainConfig, load_or_train, make_config
 
 B2N_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
@@ -40,13 +40,16 @@ PRESETS = {"cross-dataset": "cross-dataset", "domain-generalization": "imagenet-
 def run(protocol: str, backbone: Backbone, data_root: Path, out: Path, prompts: ProText | None = None,
         prompts_dir: Path | None = None, descriptions_dir: Path | None = None, datasets: Sequence[str] | None = None,
         config_file: Path | None = None, overrides: Mapping | None = None, cache_dir: Path | None = None,
-        show_progress: bool = True) -> tuple[dict, dict[str, Path]]:
+        show_progress: bool = True, descriptors_dir: Path | None = None,
+        waffle_seeds: int = 7) -> tuple[dict, dict[str, Path]]:
     """Run one protocol and write its report to `out`; returns the result and the files written.
 
     Without `prompts`, cross-dataset and domain generalisation train ImageNet prompts into
     `out/prompts-<preset>` (or reuse them there); base2novel and text-only train one prompt set
     per dataset into `prompts_dir` (default `out/prompts`). Settings: the protocol's preset,
-    then `config_file`, then `overrides`.
+    then `config_file`, then `overrides`. Text-only also runs DCLIP (descriptors from
+    `descriptors_dir/<dataset>.json` or the public dclip:<dataset>) and WaffleCLIP (mean of
+    `waffle_seeds` seeds).
     """
     if protocol not in PRESETS:
         raise ProtextError(f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}")
@@ -61,10 +64,14 @@ def run(protocol: str, backbone: Backbone, data_root: Path, out: Path, prompts: 
             result = cross_dataset(backbone, prompts, data_root, cache_dir, show_progress=show_progress, **kw)
         else:
             result = domain_generalization(backbone, prompts, data_root, cache_dir, show_progress=show_progress)
+    elif protocol == "base2novel":
+        result = base_to_novel(backbone, data_root, prompts_dir or out / "prompts", cfg, descriptions_dir, cache_dir,
+                               show_progress=show_progress, **kw)
     else:
-        protocol_run = base_to_novel if protocol == "base2novel" else text_only
-        result = protocol_run(backbone, data_root, prompts_dir or out / "prompts", cfg, descriptions_dir, cache_dir,
-                              show_progress=show_progress, **kw)
+        if waffle_seeds < 1:
+            raise ProtextError(f"--waffle-seeds must be at least 1, got {waffle_seeds}")
+        result = text_only(backbone, data_root, prompts_dir or out / "prompts", cfg, descriptions_dir, cache_dir,
+                           show_progress=show_progress, descriptors_dir=descriptors_dir, waffle_seeds=waffle_seeds, **kw)
     return result, write_report(result, out)
 
 
@@ -164,8 +171,26 @@ def base_to_novel(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: T
     return {"protocol": "base2novel", "rows": rows, "mean": mean, "missing": missing, "paper": {"mean": paper.BASE2NOVEL_MEAN}}
 
 
+TEXT_ONLY_HEADS = ("clip", "clip80", "dclip", "waffle", "cupl", "protext", "protext+cupl")
+METHOD_NAMES = {"clip": "CLIP", "clip80": "CLIP-80", "dclip": "DCLIP", "waffle": "WaffleCLIP", "cupl": "CuPL",
+                "protext": "ProText", "protext+cupl": "ProText+CuPL"}
+
+
+def descriptors_for(dataset: str, descriptors_dir: Path | None, cache_dir: Path | None) -> dict | None:
+    """`<descriptors_dir>/<dataset>.json`, else the public DCLIP set of that name, else None."""
+    if descriptors_dir is not None and (Path(descriptors_dir) / f"{dataset}.json").is_file():
+        return load_descriptors(str(Path(descriptors_dir) / f"{dataset}.json"))
+    if f"dclip:{dataset}" in SOURCES:
+        return load_descriptors(f"dclip:{dataset}", cache_dir)
+    return None
+
+
 def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: TrainConfig, descriptions_dir: Path | None = None,
-              cache_dir: Path | None = None, datasets: Sequence[str] = B2N_DATASETS, show_progress: bool = True) -> dict:
+              cache_dir: Path | None = None, datasets: Sequence[str] = B2N_DATASETS, show_progress: bool = True,
+              descriptors_dir: Path | None = None, waffle_seeds: int = 7) -> dict:
+    """Every text-only method of the paper's ImageNet table on each dataset. WaffleCLIP is the
+    mean over `waffle_seeds` seeds, as its paper reports it; a head without data for a dataset
+    (DCLIP descriptors) is listed under `not_run`, never replaced by another."""
     def run(name: str) -> dict:
         ds = load_dataset(name, data_root)
         data = descriptions_for(name, descriptions_dir, cache_dir)
@@ -173,13 +198,29 @@ def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg: Train
             raise ProtextError(f"no descriptions for {name}: expected {descriptions_dir or '<--descriptions-dir>'}/{name}.json")
         data = select_classes(data, ds.classes, name)
         prompts = load_or_train(backbone, data, cfg, Path(prompts_dir) / name, cache_dir, show_progress)
-        return evaluate(backbone, ds, Heads(backbone, prompts, data, cache_dir), ("clip", "clip80", "cupl", "protext"),
-                        cache_dir, show_progress)
+        heads, not_run = list(TEXT_ONLY_HEADS), {}
+        try:
+            descriptors = descriptors_for(name, descriptors_dir, cache_dir)
+            descriptors = select_classes(descriptors, ds.classes, f"dclip ({name})", "descriptor") if descriptors else None
+        except ProtextError as e:  # no file, no download, or classes it lacks: this head is not run
+            descriptors = None
+            not_run["dclip"] = str(e)
+        if descriptors is None:
+            heads.remove("dclip")
+            not_run.setdefault("dclip", f"no DCLIP descriptors for {name}")
+        built = Heads(backbone, prompts, data, cache_dir, descriptors=descriptors)
+        row = evaluate(backbone, ds, built, [h for h in heads if h != "waffle"], cache_dir, show_progress)
+        feats = extract(backbone, ds, cache_dir, show_progress=False)  # from the cache evaluate just filled
+        row["waffle"] = sum(accuracy(feats, Heads(backbone, None, data, cache_dir, descriptors=descriptors,
+                                                  waffle=Waffle(seed=seed)).get("waffle", ds.classes, name))
+                            for seed in range(waffle_seeds)) / waffle_seeds
+        row["not_run"] = not_run
+        return row
 
     missing: dict[str, str] = {}
     rows = _each(datasets, run, missing)
-    return {"protocol": "text-only", "rows": rows, "mean": {h: _mean(rows, h) for h in ("clip", "clip80", "cupl", "protext")},
-            "missing": missing, "paper": {"imagenet": paper.TEXT_ONLY_IMAGENET}}
+    return {"protocol": "text-only", "rows": rows, "mean": {h: _mean(rows, h) for h in TEXT_ONLY_HEADS},
+            "waffle_seeds": waffle_seeds, "missing": missing, "paper": {"imagenet": paper.TEXT_ONLY_IMAGENET}}
 
 
 def _mean(rows: Sequence[dict], key: str) -> float:
@@ -201,23 +242,44 @@ def markdown(result: dict) -> str:
         lines.append(f"| **mean** | {fmt(m['clip'])} | {fmt(m['cupl'])} | {fmt(m['protext'])} |")
         lines.append(f"| paper mean (11 datasets) | {fmt(pm['clip'])} | {fmt(pm['cupl'])} | {fmt(pm['protext'])} |")
     else:
-        heads = [h for h in ("clip", "clip80", "cupl", "protext") if any(h in r for r in result["rows"])]
+        heads = [h for h in TEXT_ONLY_HEADS if any(h in r for r in result["rows"])]
         paper_col = {"cross-dataset": result["paper"].get("protext", {}),
                      "domain-generalization": result["paper"].get("rows", {}).get("protext", {}),
                      "text-only": {"imagenet": result["paper"].get("imagenet", {}).get("protext")}}[p]
         lines += ["| dataset | images | " + " | ".join(heads) + " | paper ProText |", "|---" * (len(heads) + 3) + "|"]
         for r in result["rows"]:
             ref = paper_col.get(r["dataset"])
-            lines.append(f"| {r['dataset']} | {r['images']} | " + " | ".join(f"{r[h]:.2f}" for h in heads)
+            lines.append(f"| {r['dataset']} | {r['images']} | " + " | ".join(_cell(r, h) for h in heads)
                          + f" | {ref if ref is not None else '–'} |")
         mean = result.get("mean_of_targets") or result.get("mean")
         paper_mean = result["paper"].get("mean", {})
         lines.append("| **mean** | | " + " | ".join(f"{mean[h]:.2f}" for h in heads) + f" | {paper_mean.get('protext', '–')} |")
+        if p == "text-only":
+            lines += _method_table(result)
     if result["missing"]:
         lines += ["", "Not run:"] + [f"- {k}: {v}" for k, v in result["missing"].items()]
     skipped = sum(r.get("skipped", 0) for r in result["rows"])
     lines += ["", f"Unreadable images skipped: {skipped} (listed in the JSON file)."]
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, head: str) -> str:
+    return f"{row[head]:.2f}" if head in row else "not run"
+
+
+def _method_table(result: dict) -> list[str]:
+    """The paper's text-only ImageNet table: one row per method, measured beside published."""
+    imagenet = next((r for r in result["rows"] if r["dataset"] == "imagenet"), None)
+    published = result["paper"]["imagenet"]
+    lines = ["", f"ImageNet, text-only (WaffleCLIP: mean of {result.get('waffle_seeds', 1)} seeds)", "",
+             "| method | protext top-1 | paper (CLIP ViT-B/16) |", "|---|---|---|"]
+    for head in TEXT_ONLY_HEADS:
+        measured = _cell(imagenet, head) if imagenet else "not run"
+        lines.append(f"| {METHOD_NAMES[head]} | {measured} | {published.get(head, '–')} |")
+    not_run = {(r["dataset"], h): why for r in result["rows"] for h, why in r.get("not_run", {}).items()}
+    if not_run:
+        lines += ["", "Heads not run:"] + [f"- {d} / {h}: {why}" for (d, h), why in not_run.items()]
+    return lines
 
 
 def chart(result: dict, path: Path) -> Path | None:
@@ -232,7 +294,7 @@ def chart(result: dict, path: Path) -> Path | None:
     rows = result["rows"]
     if not rows:
         return None
-    heads = [h for h in ("clip", "clip80", "cupl", "protext") if h in rows[0]]
+    heads = [h for h in TEXT_ONLY_HEADS if all(h in r for r in rows)]
     pick = (lambda r, h: r[h][2]) if result["protocol"] == "base2novel" else (lambda r, h: r[h])
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
     width = 0.8 / len(heads)

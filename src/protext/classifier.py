@@ -12,10 +12,10 @@ from PIL import Image
 from .backbone import Backbone, load_backbone
 from .descriptions import load_descriptions, normalize_name
 from .errors import ProtextError
-from .heads import Heads, default_heads, head_names
+from .heads import Heads, Waffle, default_heads, head_names
 from .images import UnreadableImage, load_pixels
 from .model import ProText, check_backbone
-from .sources import resolve
+from .sources import load_descriptors, resolve
 
 
 def _descriptions(spec: Mapping[str, Sequence[str]] | str | Path | None,
@@ -26,15 +26,30 @@ def _descriptions(spec: Mapping[str, Sequence[str]] | str | Path | None,
     return load_descriptions(resolve(str(spec), cache_dir))
 
 
+def _descriptors(spec: Mapping[str, Sequence[str]] | str | Path | None,
+                 cache_dir: Path | None) -> Mapping[str, Sequence[str]] | None:
+    """DCLIP descriptors given as a mapping, a file or a public set name (dclip:NAME)."""
+    if spec is None or isinstance(spec, Mapping):
+        return spec
+    return load_descriptors(str(spec), cache_dir)
+
+
+# How image-text logits become probabilities: a softmax over the label set (CLIP's training loss;
+# the probabilities sum to 1), or each label's own sigmoid with the model's learned bias (SigLIP's).
+SCORES = ("softmax", "sigmoid")
+
+
 @dataclass
 class Prediction:
-    """Per input image: top label and the probability of every class; unreadable files listed."""
+    """Per input image: top label and the probability of every class (`scores` says which kind, see
+    `SCORES`); unreadable files listed."""
 
     classes: list[str]
     labels: list[str]
     probs: torch.Tensor
     inputs: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    scores: str = "softmax"
 
     def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
         values, idx = self.probs.topk(min(k, self.probs.shape[1]), dim=1)
@@ -56,13 +71,14 @@ class ProTextClassifier:
 
     def __init__(self, backbone: Backbone, classes: Sequence[str], prompts: ProText | None = None,
                  descriptions: Mapping[str, Sequence[str]] | None = None, head: str | None = None,
-                 dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None):
+                 dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None,
+                 descriptors: Mapping[str, Sequence[str]] | None = None, waffle: Waffle = Waffle()):
         if backbone.image is None:
-            raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP")
+            raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP or SigLIP")
         if prompts is not None and prompts.backbone is not backbone:
             check_backbone(prompts.config, backbone, "prompts")
         self.backbone, self.dataset = backbone, dataset
-        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset)
+        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset, descriptors, waffle)
         self.head = head or default_heads(prompts is not None, bool(descriptions))[-1]
         head_names(self.head)
         self.set_classes(classes)
@@ -71,7 +87,8 @@ class ProTextClassifier:
     def from_prompts(cls, prompts: str | Path | ProText, classes: Sequence[str], backbone: str | Backbone | None = None,
                      descriptions: Mapping[str, Sequence[str]] | str | None = None, head: str | None = None,
                      dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None,
-                     device: str | None = None) -> "ProTextClassifier":
+                     device: str | None = None, descriptors: Mapping[str, Sequence[str]] | str | None = None,
+                     waffle: Waffle = Waffle()) -> "ProTextClassifier":
         """Learned prompts (a folder, Hub id or `ProText`) on their own backbone, or on `backbone`
         when given (a copy of the same weights, checked by fingerprint)."""
         if isinstance(backbone, (str, Path)):
@@ -79,17 +96,34 @@ class ProTextClassifier:
         if not isinstance(prompts, ProText):
             prompts = ProText.from_pretrained(prompts, backbone=backbone, device=device)
         return cls(backbone or prompts.backbone, classes, prompts, _descriptions(descriptions, cache_dir), head,
-                   dataset, cross_dataset, cache_dir)
+                   dataset, cross_dataset, cache_dir, _descriptors(descriptors, cache_dir), waffle)
 
     @classmethod
     def from_backbone(cls, backbone: str | Path | Backbone, classes: Sequence[str],
                       descriptions: Mapping[str, Sequence[str]] | str | None = None, head: str | None = None,
-                      dataset: str | None = None, cache_dir: Path | None = None,
-                      device: str | None = None) -> "ProTextClassifier":
+                      dataset: str | None = None, cache_dir: Path | None = None, device: str | None = None,
+                      descriptors: Mapping[str, Sequence[str]] | str | None = None,
+                      waffle: Waffle = Waffle()) -> "ProTextClassifier":
         """A classifier without learned prompts: the template or description heads only."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(str(backbone), device=device)
-        return cls(backbone, classes, None, _descriptions(descriptions, cache_dir), head, dataset, False, cache_dir)
+        return cls(backbone, classes, None, _descriptions(descriptions, cache_dir), head, dataset, False, cache_dir,
+                   _descriptors(descriptors, cache_dir), waffle)
+
+    @classmethod
+    def from_weights(cls, backbone: Backbone, classes: Sequence[str], weights: torch.Tensor,
+                     head: str = "given") -> "ProTextClassifier":
+        """A classifier from class embeddings built elsewhere (on a Ray driver, or exported): no text
+        is encoded, so only the image tower is needed. `head` names where the embeddings came from."""
+        if backbone.image is None:
+            raise ProtextError(f"backbone '{backbone.name}' has no image tower")
+        if tuple(weights.shape) != (len(classes), backbone.text.feature_dim):
+            raise ProtextError(f"class embeddings have shape {tuple(weights.shape)}, expected "
+                               f"({len(classes)}, {backbone.text.feature_dim}) for {len(classes)} classes on '{backbone.name}'")
+        clf = cls.__new__(cls)
+        clf.backbone, clf.dataset, clf.heads, clf.head = backbone, None, Heads(backbone), head
+        clf.classes, clf.weights = list(classes), weights.float().cpu()
+        return clf
 
     def set_classes(self, classes: Sequence[str]) -> None:
         """Change the label set; no retraining, only the new class embeddings are computed."""
@@ -122,13 +156,32 @@ class ProTextClassifier:
         return (torch.cat(feats) if feats else torch.empty(0, self.weights.shape[1])), names, skipped
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.backbone.logit_scale * features @ self.weights.T
+        """The model's image-text logits: scale · cosine, plus SigLIP's learned bias."""
+        logits = self.backbone.logit_scale * features @ self.weights.T
+        return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
+
+    def check_scores(self, scores: str) -> None:
+        """Refuse a kind of probabilities this backbone cannot give (sigmoid needs SigLIP's bias)."""
+        if scores not in SCORES:
+            raise ProtextError(f"scores must be {' or '.join(SCORES)}, got {scores!r}")
+        if scores == "sigmoid" and self.backbone.logit_bias is None:
+            raise ProtextError(f"sigmoid scores need a backbone trained with a sigmoid loss and a learned bias "
+                               f"(SigLIP); '{self.backbone.name}' has none: use softmax")
+
+    def probabilities(self, features: torch.Tensor, scores: str = "softmax") -> torch.Tensor:
+        """softmax: over the label set, summing to 1; sigmoid: each label's own, sigmoid(logit) with the bias."""
+        self.check_scores(scores)
+        logits = self.logits(features)
+        return logits.sigmoid() if scores == "sigmoid" else logits.softmax(-1)
 
     def predict(self, images: Iterable[str | Path | Image.Image | torch.Tensor] | str | Path | Image.Image,
-                batch_size: int = 32) -> Prediction:
-        """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors."""
+                batch_size: int = 32, scores: str = "softmax") -> Prediction:
+        """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors; `scores`
+        is softmax (over the label set) or sigmoid (per label, SigLIP only). Top-1 is the same either way."""
+        self.check_scores(scores)
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
             images = [images]
         feats, names, skipped = self.image_features(images, batch_size)
-        probs = self.logits(feats).softmax(-1) if len(feats) else torch.empty(0, len(self.classes))
-        return Prediction(self.classes, [self.classes[i] for i in probs.argmax(1).tolist()], probs, names, skipped)
+        probs = self.probabilities(feats, scores) if len(feats) else torch.empty(0, len(self.classes))
+        return Prediction(self.classes, [self.classes[i] for i in probs.argmax(1).tolist()], probs, names, skipped,
+                          scores)

@@ -16,7 +16,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     from .backbone import DEFAULT_BACKBONE
 
     p.add_argument("--backbone", default=None,
-                   help=f"Hub id or local folder of a CLIP or BERT-style model (default: the one --prompts were trained "
+                   help=f"Hub id or local folder of a CLIP, SigLIP or BERT-style model (default: the one --prompts were trained "
                         f"on, else {DEFAULT_BACKBONE}); with --prompts, checked against their weights' fingerprint")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the backbone")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
@@ -122,6 +122,11 @@ def _eval_text_parser(sub) -> None:
                         "known from the set name, e.g. cupl:dtd or texture_prompts_full.json)")
     p.add_argument("--out", type=Path, default=Path("eval-text"),
                    help="folder for eval_text.json, eval_text.md and the trained prompts (default: %(default)s)")
+    g = p.add_argument_group("baseline heads (clip, cupl and protext always run)")
+    g.add_argument("--descriptors", nargs="+", default=[],
+                   help="DCLIP descriptor files or sets (dclip:NAME) for the dclip head, each used for the description "
+                        "sets of its dataset (known from the name, e.g. descriptors_dtd.json or dtd.json)")
+    _add_waffle_args(g)
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
     _add_run_settings(p)
@@ -135,7 +140,7 @@ def _run_eval_text(args: argparse.Namespace) -> None:
     sets = load_sets(args.descriptions, args.protocol, args.cache_dir)
     _, markdown = run(_backbone(args), sets, args.out, args.protocol, args.source, args.holdout, args.holdout_seed,
                       args.mask_word, args.inference_template, args.config, parse_assignments(args.set),
-                      args.cache_dir, not args.no_progress)
+                      args.cache_dir, not args.no_progress, args.descriptors, _waffle(args))
     print(markdown)
 
 
@@ -251,38 +256,75 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
     p.add_argument("--prompts", default=None, help="prompt folder or Hub id (default: none, plain CLIP template)")
-    p.add_argument("--descriptions", default=None, help="description JSON or set name (cupl:NAME), for the cupl and "
-                                                        "protext+cupl heads")
-    p.add_argument("--head", default=None, help="clip, clip80, cupl, protext or protext+cupl (default: protext with "
-                                                "--prompts, else cupl with --descriptions, else clip)")
+    p.add_argument("--head", default=None, help="one head, or heads joined with '+' (default: protext with --prompts, "
+                                                "else cupl with --descriptions, else clip)")
     p.add_argument("--dataset", default=None, help="the dataset the classes come from (e.g. oxford_pets): the clip "
                                                    "head uses its template")
-    p.add_argument("--cross-dataset", action="store_true",
-                   help="the prompts were learned on another dataset: the protext head uses --dataset's inference "
-                        "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
     p.add_argument("--top-k", type=int, default=3, help="labels printed per image (default: %(default)s)")
+    p.add_argument("--scores", choices=["softmax", "sigmoid"], default="softmax",
+                   help="softmax: probabilities over the label set, summing to 1; sigmoid: each label's own "
+                        "probability with the model's learned bias, as SigLIP was trained (SigLIP backbones only). "
+                        "The top label is the same (default: %(default)s)")
+    _add_head_args(p)
     _add_backbone_args(p)
     p.set_defaults(run=_run_predict)
 
 
+def _add_head_args(p: argparse.ArgumentParser) -> None:
+    """What the heads read, the same flags wherever heads are built."""
+    from .heads import HEADS
+
+    g = p.add_argument_group(f"heads ({', '.join(HEADS)}; join any with '+', e.g. protext+cupl)")
+    g.add_argument("--descriptions", default=None, help="CuPL-style description JSON or set name (cupl:NAME), for cupl")
+    g.add_argument("--descriptors", default=None, help="DCLIP descriptor JSON or set name (dclip:NAME), for dclip")
+    _add_waffle_args(g)
+    g.add_argument("--cross-dataset", action="store_true",
+                   help="the prompts were learned on another dataset: the protext head uses --dataset's inference "
+                        "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
+
+
+def _add_waffle_args(g) -> None:
+    g.add_argument("--waffle-count", type=int, default=15, help="waffle: pairs of random descriptors (default: %(default)s)")
+    g.add_argument("--waffle-seed", type=int, default=0, help="waffle: seed of the random descriptors (default: %(default)s)")
+    g.add_argument("--waffle-concept", default=None,
+                   help="waffle: a high-level concept, as in 'A photo of a {concept}: a {class}, which ...'")
+
+
+def _waffle(args: argparse.Namespace):
+    from .heads import Waffle
+
+    return Waffle(args.waffle_count, args.waffle_seed, args.waffle_concept)
+
+
+def _head_data(args: argparse.Namespace) -> dict:
+    """Keyword arguments for Heads / ProTextClassifier from the head flags."""
+    from .descriptions import load_descriptions
+    from .sources import load_descriptors, resolve
+
+    return {"descriptions": load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None,
+            "descriptors": load_descriptors(args.descriptors, args.cache_dir) if args.descriptors else None,
+            "waffle": _waffle(args),
+            "cross_dataset": args.cross_dataset}
+
+
 def _run_predict(args: argparse.Namespace) -> None:
     from .classifier import ProTextClassifier
-    from .descriptions import load_descriptions, read_class_list
-    from .sources import resolve
+    from .descriptions import read_class_list
 
     if args.top_k < 1:
         raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
     classes = read_class_list(args.classes)
+    heads = _head_data(args)
     prompts = _prompts(args.prompts, args) if args.prompts else None
     backbone = prompts.backbone if prompts is not None else _backbone(args)
-    descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
-    clf = ProTextClassifier(backbone, classes, prompts=prompts, descriptions=descriptions, head=args.head,
-                            dataset=args.dataset, cross_dataset=args.cross_dataset, cache_dir=args.cache_dir)
+    clf = ProTextClassifier(backbone, classes, prompts=prompts, head=args.head, dataset=args.dataset,
+                            cache_dir=args.cache_dir, **heads)
     for note in clf.heads.fallback_notes():
         print(note, file=sys.stderr)
-    pred = clf.predict(args.images)
+    pred = clf.predict(args.images, scores=args.scores)
     for name, top in zip(pred.inputs, pred.top(args.top_k)):
-        print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top]}, indent=None))
+        print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top],
+                       "scores": pred.scores}, indent=None))
     for name, reason in pred.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     if not pred.inputs:
@@ -298,12 +340,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data-root", type=Path, required=True, help="CoOp data root, image folder, or CSV file")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--subset", default="all", choices=["all", "base", "novel"], help="CoOp base/novel half")
-    p.add_argument("--heads", default=None, help="comma-separated heads (default: clip, plus cupl/protext when possible)")
+    p.add_argument("--heads", default=None, help="comma-separated heads, or 'all' for every head the given data allows "
+                                                 "(default: clip, plus cupl/protext when possible)")
     p.add_argument("--prompts", default=None, help="prompt folder or Hub id")
-    p.add_argument("--descriptions", default=None, help="description JSON or set name, for the cupl heads")
-    p.add_argument("--cross-dataset", action="store_true",
-                   help="the prompts were learned on another dataset: the protext head uses this dataset's inference "
-                        "template ('a photo of a {}, a type of pet.'), as the cross-dataset benchmark does")
+    _add_head_args(p)
     p.add_argument("--output", type=Path, default=None, help="also write the result row to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     _add_backbone_args(p)
@@ -314,16 +354,15 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .benchmark import evaluate
     from .cache import atomic_write_json
     from .datasets import base_novel, load_dataset
-    from .descriptions import load_descriptions
-    from .heads import Heads, default_heads
-    from .sources import resolve
+    from .heads import Heads, choose_heads
 
     dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
+    data = _head_data(args)
     prompts = _prompts(args.prompts, args) if args.prompts else None
     backbone = prompts.backbone if prompts else _backbone(args)
-    descriptions = load_descriptions(resolve(args.descriptions, args.cache_dir)) if args.descriptions else None
-    heads = args.heads.split(",") if args.heads else default_heads(prompts is not None, descriptions is not None)
-    built = Heads(backbone, prompts, descriptions, args.cache_dir, args.cross_dataset)
+    heads = choose_heads(args.heads, prompts is not None, data["descriptions"] is not None,
+                         data["descriptors"] is not None)
+    built = Heads(backbone, prompts, cache_dir=args.cache_dir, **data)
     row = evaluate(backbone, dataset, built, heads, args.cache_dir, not args.no_progress)
     for note in built.fallback_notes():
         print(note, file=sys.stderr)
@@ -349,6 +388,10 @@ def _benchmark_parser(sub) -> None:
                                                                   "(trained there when absent; default: <out>/prompts)")
     p.add_argument("--descriptions-dir", type=Path, default=None, help="<dataset>.json description files "
                                                                        "(default: the public CuPL sets)")
+    p.add_argument("--descriptors-dir", type=Path, default=None, help="text-only: <dataset>.json DCLIP descriptor "
+                                                                      "files (default: the public DCLIP sets)")
+    p.add_argument("--waffle-seeds", type=int, default=7, help="text-only: WaffleCLIP is the mean over this many seeds, "
+                                                               "as in its paper (default: %(default)s)")
     p.add_argument("--datasets", default=None, help="comma-separated subset of datasets to run")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -365,11 +408,171 @@ def _run_benchmark(args: argparse.Namespace) -> None:
     prompts = _prompts(args.prompts, args, backbone) if args.prompts else None
     result, files = bm.run(args.protocol, backbone, args.data_root, args.out, prompts, args.prompts_dir,
                            args.descriptions_dir, args.datasets.split(",") if args.datasets else None, args.config,
-                           parse_assignments(args.set), args.cache_dir, not args.no_progress)
+                           parse_assignments(args.set), args.cache_dir, not args.no_progress, args.descriptors_dir,
+                           args.waffle_seeds)
     print(bm.markdown(result))
     print("wrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)
     if not result["rows"]:
         raise ProtextError("no dataset could be evaluated; see 'Not run' above for what was expected where")
+
+
+def _add_classifier_args(p: argparse.ArgumentParser) -> None:
+    """--prompts, --head, --dataset, the head flags and the backbone flags: what a classifier is built from."""
+    p.add_argument("--prompts", default=None, help="prompt folder or Hub id (default: none: plain CLIP heads on --backbone)")
+    p.add_argument("--head", default=None, help="one head, or heads joined with '+' (default: protext with --prompts, "
+                                                "else cupl with --descriptions, else clip)")
+    p.add_argument("--dataset", default=None, help="the dataset the classes come from (e.g. oxford_pets): the clip "
+                                                   "head uses its template")
+    _add_head_args(p)
+    _add_backbone_args(p)
+
+
+def _classifier_parts(args: argparse.Namespace) -> tuple:
+    """(backbone, prompts or None, head data) from the flags of `_add_classifier_args`."""
+    data = _head_data(args)
+    prompts = _prompts(args.prompts, args) if args.prompts else None
+    return (prompts.backbone if prompts is not None else _backbone(args)), prompts, data
+
+
+def _classifier(args: argparse.Namespace, classes: list[str]):
+    from .classifier import ProTextClassifier
+
+    backbone, prompts, data = _classifier_parts(args)
+    clf = ProTextClassifier(backbone, classes, prompts=prompts, head=args.head, dataset=args.dataset,
+                            cache_dir=args.cache_dir, **data)
+    for note in clf.heads.fallback_notes():
+        print(note, file=sys.stderr)
+    return clf
+
+
+def _serve_parser(sub) -> None:
+    from .serve import Limits
+
+    p = sub.add_parser("serve", help="a JSON API and a web page classifying uploaded images",
+                       description="Serve a classifier over HTTP: POST /v1/classify (multipart images, labels or a "
+                                   "label set name, head, top_k), GET /v1/label-sets, GET /healthz, the OpenAPI schema "
+                                   "at /openapi.json and a web page at /. Concurrent requests are batched into one "
+                                   "forward pass; class embeddings are computed once per (label set, head). Bad "
+                                   "requests get a 4xx JSON error.")
+    p.add_argument("--classes", nargs="+", default=[], metavar="[NAME=]FILE|a,b,c",
+                   help="label sets loaded at start, each a file (named after it) or NAME=FILE or NAME=a,b,c; the "
+                        "first is the default of requests that send no labels")
+    _add_classifier_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    limits = p.add_argument_group("limits (a request over one gets a 4xx or 503 JSON error)")
+    for f in fields(Limits):
+        limits.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: %(default)s)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from .serve import Limits, Service, load_label_sets
+
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    label_sets = load_label_sets(args.classes)
+    from .api import run  # after the arguments are checked: says how to install fastapi when it is missing
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}: other machines can reach this server", file=sys.stderr)
+    backbone, prompts, data = _classifier_parts(args)
+    service = Service(backbone, prompts, label_sets, args.head, args.dataset, limits, args.cache_dir, **data)
+    print(f"protext serve: {backbone.name}, head {service.head}, label sets: {', '.join(label_sets) or 'none'}; "
+          f"page at http://{args.host}:{args.port}/", file=sys.stderr)
+    run(service, args.host, args.port)
+
+
+def _label_parser(sub) -> None:
+    from .label import FORMATS
+
+    p = sub.add_parser("label", help="label many images into a JSONL, CSV or Parquet file",
+                       description="Label every image of folders (recursive), files and CSV lists of paths. Decoding "
+                                   "runs in threads beside the model; rows are saved in chunks, so a rerun of the same "
+                                   "command after an interruption labels only the images not yet written. Unreadable "
+                                   "files are rows with an error, listed at the end, never fatal.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="image files, folders (searched recursively) or .csv files listing paths (a 'path' column, "
+                        "else the first; relative to the CSV)")
+    p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
+    p.add_argument("--output", type=Path, required=True,
+                   help=f"the file to write, its format from its suffix: {', '.join(FORMATS)}; finished chunks are kept "
+                        f"in <output>.parts/ until the end")
+    p.add_argument("--top-k", type=int, default=3, help="labels and probabilities per image (default: %(default)s)")
+    p.add_argument("--min-prob", type=float, default=None,
+                   help="below this top probability the label is 'unknown' (the top-k columns keep the real labels)")
+    p.add_argument("--scores", choices=["softmax", "sigmoid"], default="softmax",
+                   help="softmax: probabilities over the label set; sigmoid: each label's own (SigLIP backbones only) "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
+                                                                 "with --engine ray, classifying actors (default: 2)")
+    p.add_argument("--chunk", type=int, default=512, help="images per saved chunk (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: decode in Ray tasks and classify in a pool of Ray actors, each "
+                        "loading the image tower once (default: %(default)s)")
+    g.add_argument("--address", default=None,
+                   help="ray: the cluster, 'auto' or ray://HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
+    g.add_argument("--num-gpus-per-worker", type=float, default=0, help="ray: GPUs per classifying actor (default: 0)")
+    _add_classifier_args(p)
+    p.set_defaults(run=_run_label)
+
+
+def _run_label(args: argparse.Namespace) -> None:
+    from .descriptions import read_class_list
+    from .label import collect, label, output_format
+
+    output_format(args.output)
+    classes = read_class_list(args.classes)
+    paths = collect(args.paths)
+    if args.engine == "ray":
+        from .distributed import label_on_ray, ray_module
+
+        ray_module()  # before any model is loaded: says how to install Ray when it is missing
+        report = label_on_ray(_classifier(args, classes), paths, args.output, args.top_k, args.min_prob, args.scores,
+                              args.address, args.workers or 2, args.num_gpus_per_worker, args.batch_size,
+                              not args.no_progress)
+    else:
+        report = label(_classifier(args, classes), paths, args.output, args.top_k, args.min_prob, args.scores,
+                       args.batch_size, args.workers, args.chunk, not args.no_progress)
+    for name, reason in report.unreadable:
+        print(f"unreadable {name}: {reason}", file=sys.stderr)
+    print(to_json(report.as_dict(), indent=None))
+    if len(report.unreadable) == report.images:
+        raise ProtextError(f"none of the {report.images} images could be read (see 'unreadable' above)")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a classifier as plain files (safetensors + JSON, optionally ONNX)",
+                       description="Write the classifier as files usable without protext: classifier.safetensors "
+                                   "(class embeddings, logit scale), classifier.json (backbone, head, templates, label "
+                                   "order, preprocessing) and, with --onnx, classifier.onnx (pixels to logits), "
+                                   "checked against PyTorch with onnxruntime before it is written.")
+    p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the files into")
+    p.add_argument("--onnx", action="store_true", help="also write classifier.onnx: the image tower and the head, "
+                                                       "from preprocessed pixels to logits")
+    p.add_argument("--check-images", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="--onnx: images or folders to check the ONNX model on (default: seeded random images)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="--onnx: largest difference of logits allowed between ONNX and PyTorch (default: %(default)s)")
+    _add_classifier_args(p)
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .descriptions import read_class_list
+    from .export import JSON_FILE, export
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ProtextError(f"--out {args.out} is a file; --out names the folder the export is written into")
+    meta = export(_classifier(args, read_class_list(args.classes)), args.out, args.onnx, args.check_images,
+                  args.tolerance)
+    check = meta.get("onnx", {}).get("check")
+    print(to_json({"out": str(args.out), "files": sorted(meta["files"]) + [JSON_FILE], "labels": len(meta["labels"]),
+                   "head": meta["head"], "onnx_check": check}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _benchmark_parser(sub)
     _descriptions_parser(sub)
+    _serve_parser(sub)
+    _label_parser(sub)
+    _export_parser(sub)
     return parser
 
 

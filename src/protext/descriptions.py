@@ -14,6 +14,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
+from typing import AbstractSet as Set
 from typing import Iterable, Mapping, Sequence
 
 from .errors import ProtextError
@@ -70,22 +71,28 @@ def _line_of_repeat(text: str, key: str) -> str:
     return f" (line {line})"
 
 
-def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
-    """Validate a decoded JSON object; returns normalised names -> stripped sentences."""
+def parse_descriptions(raw: object, where: str, item: str = "description",
+                       skip: Set[str] = frozenset()) -> dict[str, list[str]]:
+    """Validate a decoded JSON object; returns normalised names -> stripped sentences.
+
+    `item` names what the lists hold in messages ("description", or "descriptor" for DCLIP
+    files); keys in `skip` are left out unchecked."""
     if not isinstance(raw, Mapping):
-        raise ProtextError(f"{where}: expected a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
+        raise ProtextError(f"{where}: expected a JSON object {{class name: [{item}s]}}, got {type(raw).__name__}")
     out: dict[str, list[str]] = {}
     original: dict[str, str] = {}
     for key, sentences in raw.items():
+        if key in skip:
+            continue
         name = normalize_name(str(key))
         if not name:
             raise ProtextError(f"{where}: empty class name {key!r}")
         if name in out:
             raise ProtextError(f"{where}: keys {original[name]!r} and {key!r} are the same class after normalisation ({name!r})")
         if not isinstance(sentences, list):
-            raise ProtextError(f"{where}: key {key!r}: expected a list of sentences, got {type(sentences).__name__}")
+            raise ProtextError(f"{where}: key {key!r}: expected a list of {item}s, got {type(sentences).__name__}")
         if not sentences:
-            raise ProtextError(f"{where}: key {key!r}: empty list of descriptions")
+            raise ProtextError(f"{where}: key {key!r}: empty list of {item}s")
         clean = []
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
@@ -93,7 +100,7 @@ def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
             if s.strip():
                 clean.append(s.strip())
         if not clean:
-            raise ProtextError(f"{where}: key {key!r}: every description is blank")
+            raise ProtextError(f"{where}: key {key!r}: every {item} is blank")
         out[name] = clean
         original[name] = str(key)
     if not out:
@@ -101,19 +108,21 @@ def parse_descriptions(raw: object, where: str) -> dict[str, list[str]]:
     return out
 
 
-def load_descriptions(path: str | Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
+def load_descriptions(path: str | Path, classes: Sequence[str] | None = None, item: str = "description",
+                      skip: Set[str] = frozenset()) -> dict[str, list[str]]:
     """Read a description file; with `classes`, keep those (in that order) and fail on any missing."""
-    data = parse_descriptions(read_json(path, "description file"), str(path))
+    data = parse_descriptions(read_json(path, f"{item} file"), str(path), item, skip)
     return select_classes(data, classes, str(path)) if classes is not None else data
 
 
-def select_classes(data: Mapping[str, list[str]], classes: Sequence[str], where: str) -> dict[str, list[str]]:
+def select_classes(data: Mapping[str, list[str]], classes: Sequence[str], where: str,
+                   item: str = "description") -> dict[str, list[str]]:
     names = [normalize_name(c) for c in classes]
     missing = [c for c, n in zip(classes, names) if n not in data]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise ProtextError(f"{where}: no descriptions for {len(missing)} requested classes: {shown}{more}")
+        raise ProtextError(f"{where}: no {item}s for {len(missing)} requested classes: {shown}{more}")
     return {n: list(data[n]) for n in names}
 
 

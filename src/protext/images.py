@@ -1,9 +1,15 @@
-"""CLIP image preprocessing with PIL and NumPy (no torchvision).
+"""Image preprocessing with PIL and NumPy (no torchvision), as each backbone's own processor does it.
 
-resize the short side to `size` (bicubic), centre-crop `size` x `size`, scale to [0, 1],
-normalise with the model's mean and std: the same numbers as `transformers`' CLIP image
-processor (a test holds them to 1e-4). Any PIL mode is accepted: greyscale, palette,
-RGBA, CMYK and 16-bit images are converted to 8-bit RGB first.
+The size rule says which (`Size`), and each gives the same numbers as that model's
+`transformers` image processor (tests hold them to 1e-4):
+
+- CLIP (`size` an int): resize the short side to `size` (bicubic), centre-crop `size` x `size`;
+- SigLIP (`size` a (height, width) pair): resize straight to it (bicubic), no crop;
+- SigLIP 2 NaFlex (`size` a `NaFlex`): resize (bilinear), aspect ratio kept, to the largest
+  grid of whole patches that has at most `max_patches` of them, and return the patches.
+
+then scale to [0, 1] and normalise with the model's mean and std. Any PIL mode is accepted:
+greyscale, palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB first.
 
 `load_pixels` is the one place that decides what an unusable image is: any failure to
 open, decode or preprocess it (a corrupt or truncated file, a decompression bomb, running
@@ -13,6 +19,8 @@ losing every other result.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +33,25 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class UnreadableImage(Exception):
     """An image that could not be turned into pixels; the message is "<error class>: <error>"."""
+
+
+@dataclass(frozen=True)
+class NaFlex:
+    """SigLIP 2's native-resolution input: any aspect ratio, at most `max_patches` patches of
+    `patch` x `patch` pixels.
+
+    A preprocessed image is a fixed-shape (max_patches, 3·patch² + 2) tensor, so batches stack
+    like square images: one row per patch, its pixels in `transformers`' order (row, column,
+    channel) followed by the patch's (row, column) in the image's grid; padding rows are zeros
+    with grid position (-1, -1). The image tower reads the mask and the grid's shape from them.
+    """
+
+    patch: int
+    max_patches: int
+
+
+# int: CLIP (short side, centre crop); (height, width): SigLIP (straight resize); NaFlex: SigLIP 2.
+Size = int | tuple[int, int] | NaFlex
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,19 +68,62 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """A (3, size, size) float tensor, CLIP-normalised."""
+def preprocess(image: Image.Image, size: Size, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The model's input for one image: a normalised (3, H, W) tensor, or NaFlex patches (see `Size`)."""
     image = to_rgb(image)
+    if isinstance(size, NaFlex):
+        return _naflex_patches(image, size, mean, std)
+    if isinstance(size, tuple):
+        height, width = size
+        return _normalise(np.asarray(_resized(image, width, height, Image.Resampling.BICUBIC)), mean, std)
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    image = _resized(image, new_w, new_h, Image.Resampling.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    arr = np.asarray(image, dtype=np.float32)[top : top + size, left : left + size] / 255.0
+    return _normalise(np.asarray(image)[top : top + size, left : left + size], mean, std)
+
+
+def _resized(image: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
+    return image if image.size == (width, height) else image.resize((width, height), resample)
+
+
+def _normalise(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, H, W) float32 from (H, W, 3) uint8: scaled to [0, 1], then (x - mean) / std."""
+    arr = rgb.astype(np.float32) / 255.0
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _naflex_size(height: int, width: int, spec: NaFlex) -> tuple[int, int]:
+    """The (height, width) in pixels a NaFlex model sees an image at: both multiples of the patch
+    size (at least one patch), scaled alike from the original, for the largest scale whose grid
+    has at most `max_patches` patches. Found by bisection on the scale, to the same precision
+    (1e-5) as `transformers`' Siglip2ImageProcessor, so the sizes are the same."""
+    def scaled(side: int, scale: float) -> int:
+        return max(spec.patch, math.ceil(side * scale / spec.patch) * spec.patch)
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        mid = (low + high) / 2
+        if (scaled(height, mid) / spec.patch) * (scaled(width, mid) / spec.patch) <= spec.max_patches:
+            low = mid
+        else:
+            high = mid
+    return scaled(height, low), scaled(width, low)
+
+
+def _naflex_patches(image: Image.Image, spec: NaFlex, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    height, width = _naflex_size(image.height, image.width, spec)
+    pixels = _normalise(np.asarray(_resized(image, width, height, Image.Resampling.BILINEAR)), mean, std)
+    p, rows, cols = spec.patch, height // spec.patch, width // spec.patch
+    patches = pixels.reshape(3, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows * cols, p * p * 3)
+    grid = torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).reshape(rows * cols, 2).float()
+    out = torch.zeros(spec.max_patches, p * p * 3 + 2)
+    out[:, -2:] = -1.0
+    out[: rows * cols] = torch.cat([patches, grid], dim=1)
+    return out
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -63,7 +133,7 @@ def open_image(path: str | Path) -> Image.Image:
         return im.copy()
 
 
-def load_pixels(image: str | Path | Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """`preprocess` of a file or PIL image; raises `UnreadableImage` for any failure.
 
     PIL fails in many ways besides OSError: DecompressionBombError for images over twice

@@ -3,6 +3,8 @@
 The trained state is one tensor, `prompts`, of shape (depth, n_ctx, width): row 0 replaces
 the token embeddings of "a photo of a" (or of the "X X … X" placeholder), rows 1..depth-1
 replace the hidden states at the same positions before the matching transformer block.
+Those positions are wherever the tower's tokenizer puts the placeholder words
+(`TextTower.prompt_start`: after CLIP's start token, first for SigLIP).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .backbone import Backbone, load_backbone
 from .cache import atomic_save_tensors, atomic_write_json, file_sha256, load_tensors, remove_stale_temporaries
 from .errors import ProtextError
 from .templates import check_template
-from .text_encoder import Tokens, pad
+from .text_encoder import Tokens
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "protext_config.json"
@@ -42,6 +44,7 @@ class PromptConfig:
     template: str = DEFAULT_TEMPLATE
     width: int = 0
     fingerprint: str = ""
+    tower: str = ""  # the kind of text tower: clip, bert, siglip, siglip2 ("" in older files: not checked)
     training: dict[str, Any] = field(default_factory=dict)
     prompts_sha256: str = ""  # digest of the prompts file this config was written with
     format_version: int = FORMAT_VERSION
@@ -69,7 +72,7 @@ class ProText(nn.Module):
             raise ProtextError(f"depth must be between 1 and {text.num_layers} for '{backbone.name}', got {config.depth}")
         if config.n_ctx < 1:
             raise ProtextError(f"n_ctx must be at least 1, got {config.n_ctx}")
-        fixed = text.count_words(prompted_text(config.template, "", config.placeholder)) + 2  # + start and end
+        fixed = text.count_words(prompted_text(config.template, "", config.placeholder)) + text.num_special_tokens
         if fixed > text.max_length:
             raise ProtextError(
                 f"n_ctx {config.n_ctx} with template {config.template!r} takes {fixed} tokens, more than the "
@@ -85,6 +88,7 @@ class ProText(nn.Module):
         self.config = config
         config.width = text.width
         config.fingerprint = backbone.fingerprint()
+        config.tower = text.kind
         if prompts is None:
             prompts = self._initial_prompts()
         expected = (config.depth, config.n_ctx, text.width)
@@ -103,26 +107,46 @@ class ProText(nn.Module):
         cfg, text = self.config, self.backbone.text
         prompts = torch.randn(cfg.depth, cfg.n_ctx, text.width) * 0.02
         if cfg.init != RANDOM:
-            ids = text.tokenize([cfg.init]).ids[0, 1 : 1 + cfg.n_ctx].to(text.device)
+            start = text.prompt_start
+            ids = text.tokenize([cfg.init]).ids[0, start : start + cfg.n_ctx].to(text.device)
             prompts[0] = text.token_embedding(ids).detach().float().cpu()
         return prompts
 
     # -- encoding ----------------------------------------------------------------------
     def class_token_lists(self, names: Sequence[str], template: str | None = None) -> list[list[int]]:
-        """Token ids of the prompted text for each class name (context positions hold placeholders)."""
+        """Token ids of the prompted text for each class name (context positions hold placeholders).
+
+        The context vectors replace the tokens at `prompt_start`..+n_ctx, so those must be the
+        placeholder's own tokens in every text: a tokenizer that merged them with the class name
+        would silently have the prompts replace other words."""
         template = template or self.config.template
-        return self.backbone.text.token_lists([prompted_text(template, n, self.config.placeholder) for n in names])
+        text, placeholder = self.backbone.text, self.config.placeholder
+        texts = [prompted_text(template, n, placeholder) for n in names]
+        lists = text.token_lists(texts)
+        start, stop = text.prompt_start, text.prompt_start + self.config.n_ctx
+        words = text.token_lists([placeholder])[0][start:stop]
+        for prompt, ids in zip(texts, lists):
+            if ids[start:stop] != words:
+                raise ProtextError(f"the tokenizer of '{self.backbone.name}' joins the context words {placeholder!r} "
+                                   f"to what follows them in {prompt!r}; use init='random' or another template")
+        return lists
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         return self.backbone.text(tokens.to(self.backbone.device), self.prompts)
 
     @torch.no_grad()
-    def encode_classes(self, names: Sequence[str], template: str | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Normalised prompted features of "template.format(name)" for each name, on the CPU."""
+    def encode_classes(self, names: Sequence[str], template: str | None = None, batch_size: int = 256,
+                       show_progress: bool | None = None) -> torch.Tensor:
+        """Normalised prompted features of "template.format(name)" for each name, on the CPU.
+
+        Batched by token length (see `TextTower.encode_lists`); a progress bar shows for large
+        label sets (over 5,000 names, unless `show_progress` says otherwise)."""
+        from tqdm.auto import tqdm
+
         lists = self.class_token_lists(names, template)
-        pad_id = self.backbone.text.pad_id
-        out = [self(pad(lists[i : i + batch_size], pad_id)).cpu() for i in range(0, len(lists), batch_size)]
-        return torch.cat(out)
+        show = len(lists) > 5000 if show_progress is None else show_progress
+        with tqdm(total=len(lists), desc="protext head", unit="class", disable=not show) as bar:
+            return self.backbone.text.encode_lists(lists, self.prompts, batch_size, progress=bar.update)
 
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -221,6 +245,11 @@ def _trained_backbone(config: PromptConfig, folder: Path, device: str | None) ->
 
 def check_backbone(config: PromptConfig, backbone: Backbone, where: Path | str) -> None:
     """Refuse prompts trained on other weights: the same shape is not enough to be meaningful."""
+    if config.tower and config.tower != backbone.text.kind:
+        raise ProtextError(
+            f"{where}: prompts were trained on the {config.tower} text tower of '{config.backbone}', but backbone "
+            f"'{backbone.name}' has a {backbone.text.kind} text tower; load them with the backbone they were trained on"
+        )
     if config.width and config.width != backbone.text.width:
         raise ProtextError(
             f"{where}: prompts were trained on '{config.backbone}' (width {config.width}), "

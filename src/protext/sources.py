@@ -2,7 +2,7 @@
 
 Names are `cupl:<dataset>` (CuPL's GPT-3 descriptions; `cupl:imagenet` is the set ProText
 trains its cross-dataset prompts on; CuPL has no EuroSAT set, so `cupl:eurosat` is the
-CuPL-style one published with ProText). Files are pinned to a commit so a name always means
+CuPL-style one published with ProText) and `dclip:<dataset>` (DCLIP's descriptors). Files are pinned to a commit so a name always means
 the same bytes.
 """
 
@@ -35,15 +35,34 @@ CUPL_FILES: dict[str, str] = {
     "eurosat": "https://raw.githubusercontent.com/muzairkhattak/ProText/"
                "acd9918452a559d58c482a7400f858569c0283ab/templates/EuroSAT.json",
 }
-SOURCES: dict[str, str] = {f"cupl:{dataset}": url for dataset, url in CUPL_FILES.items()}
+_DCLIP = ("https://raw.githubusercontent.com/sachit-menon/classify_by_description_release/"
+          "d1a3d8920af89bd0d6a692ed3afeb277df46e082/descriptors")
+_WAFFLE = "https://raw.githubusercontent.com/ExplainableML/WaffleCLIP/7a1b8ee48e31285f62ecd839fecb6b89cbef81f1/descriptors"
+# DCLIP's descriptor files (`{class: ["has a long neck", ...]}`); WaffleCLIP published three more.
+DCLIP_FILES: dict[str, str] = {
+    "imagenet": f"{_DCLIP}/descriptors_imagenet.json",
+    "cub": f"{_DCLIP}/descriptors_cub.json",
+    "dtd": f"{_DCLIP}/descriptors_dtd.json",
+    "eurosat": f"{_DCLIP}/descriptors_eurosat.json",
+    "food101": f"{_DCLIP}/descriptors_food101.json",
+    "oxford_pets": f"{_DCLIP}/descriptors_pets.json",
+    "places365": f"{_DCLIP}/descriptors_places365.json",
+    "stanford_cars": f"{_WAFFLE}/descriptors_cars.json",
+    "fgvc_aircraft": f"{_WAFFLE}/descriptors_fgvcaircraft.json",
+    "oxford_flowers": f"{_WAFFLE}/descriptors_flowers102.json",
+}
+SOURCES: dict[str, str] = {**{f"cupl:{dataset}": url for dataset, url in CUPL_FILES.items()},
+                           **{f"dclip:{dataset}": url for dataset, url in DCLIP_FILES.items()}}
 
 
 def _short(stem: str) -> str:
-    return stem.removesuffix("_prompts_full").removesuffix("_prompts_base")
+    return stem.removesuffix("_prompts_full").removesuffix("_prompts_base").removeprefix("descriptors_")
 
 
-# CuPL's file stems without their suffix ("texture" for texture_prompts_full.json) -> dataset
-_FILE_DATASETS = {_short(url.rsplit("/", 1)[-1].removesuffix(".json").lower()): d for d, url in CUPL_FILES.items()}
+# File stems without their suffix or prefix ("texture" for texture_prompts_full.json, "pets" for
+# descriptors_pets.json) -> dataset
+_FILE_DATASETS = {_short(url.rsplit("/", 1)[-1].removesuffix(".json").lower()): d
+                  for files in (CUPL_FILES, DCLIP_FILES) for d, url in files.items()}
 
 
 def dataset_of(set_name: str) -> str | None:
@@ -51,9 +70,9 @@ def dataset_of(set_name: str) -> str | None:
     file ("cupl-dtd"), CuPL's file name ("texture_prompts_full") or the dataset ("dtd");
     None when unknown. Class names of that set then get that dataset's templates."""
     name = set_name.lower().rsplit("/", 1)[-1].removesuffix(".json")
-    name = name.removeprefix("cupl:").removeprefix("cupl-")
+    name = name.removeprefix("cupl:").removeprefix("cupl-").removeprefix("dclip:").removeprefix("dclip-")
     name = _FILE_DATASETS.get(_short(name), _short(name))
-    return name if name in CUPL_FILES or name.startswith("imagenet") else None
+    return name if name in CUPL_FILES or name in DCLIP_FILES or name.startswith("imagenet") else None
 
 
 def cached_path(name: str, cache_dir: Path | None = None) -> Path:
@@ -74,11 +93,31 @@ def fetch(name: str, cache_dir: Path | None = None, timeout: float = 30.0) -> Pa
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise ProtextError(
             f"could not download description set {name!r} from {url} ({e}).\n"
-            f"Download that file where there is internet and either pass its path as --descriptions, "
+            f"Download that file where there is internet and either pass its path as "
+            f"{'--descriptors' if name.startswith('dclip:') else '--descriptions'}, "
             f"or place it at {path}"
         ) from e
     atomic_write_bytes(path, data)
     return path
+
+
+def load_descriptors(spec: str, cache_dir: Path | None = None, published: bool | None = None) -> dict[str, list[str]]:
+    """DCLIP descriptors from a file or a public set name (dclip:NAME).
+
+    The published files leave some classes' lists empty or blank; for those sets only, such a
+    class gets DCLIP's own convention (one empty descriptor). In any other file an empty list is
+    an error naming the class. `published` says whether a file is such a copy (default: whether
+    `spec` is a set name)."""
+    from .descriptions import load_descriptions, normalize_name, read_json
+
+    path = resolve(spec, cache_dir)
+    if not (spec in SOURCES if published is None else published):
+        return load_descriptions(path, item="descriptor")
+    raw = read_json(path, "descriptor file")
+    empty = [k for k, v in raw.items() if isinstance(v, list) and not any(str(d).strip() for d in v)] \
+        if isinstance(raw, dict) else []
+    data = load_descriptions(path, item="descriptor", skip=set(empty))
+    return {**data, **{normalize_name(k): [""] for k in empty}}
 
 
 def resolve(spec: str, cache_dir: Path | None = None) -> Path:

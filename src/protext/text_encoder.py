@@ -3,33 +3,43 @@
 This is the whole model ProText trains through. A prompted forward pass is:
 
     x = token_embedding(ids)                    # [SOT] ctx_1..ctx_n name tokens . [EOT]
-    x[:, 1:1+n] = prompts[0]                    # layer-0 context replaces "a photo of a"
+    x[:, s:s+n] = prompts[0]                    # layer-0 context replaces "a photo of a"
     x = add_positions(x)
     for i, block in enumerate(blocks):
-        if 1 <= i < depth: x[:, 1:1+n] = prompts[i]   # deep prompts replace hidden states
+        if 1 <= i < depth: x[:, s:s+n] = prompts[i]   # deep prompts replace hidden states
         x = block(x)
     feature = normalize(pool(x))                # CLIP: LN at EOT, projection; BERT: mean
 
-Two towers share that loop and differ in three places (positions, attention mask, pooling):
-`ClipText` (causal mask, EOT pooling, projection) and `BertText` (padding mask, mean pooling,
-as sentence-transformers encoders such as all-MiniLM-L6-v2 are used). The weights are the
-`transformers` modules themselves; nothing is copied.
+`s` (`prompt_start`) is where the tokenizer puts the first word of the text: 1 after CLIP's
+start token or BERT's [CLS], 0 for SigLIP, which has no start token.
+
+Three towers share that loop and differ in three places (positions, attention mask, pooling):
+`ClipText` (causal mask, EOT pooling, projection), `BertText` (padding mask, mean pooling,
+as sentence-transformers encoders such as all-MiniLM-L6-v2 are used) and `SiglipText` /
+`Siglip2Text` (no mask at all, the last position of a fixed 64-token input, head). The
+weights are the `transformers` modules themselves; nothing is copied.
 
 Because CLIP's mask is causal and it pools at EOT, tokens after EOT cannot change the
 feature: a batch may be cut to its longest sequence with no change in the result. BERT's
-padding mask gives the same guarantee.
+padding mask gives the same guarantee. SigLIP gives none: it was trained on text padded to
+64 tokens with attention over the padding and pools the last position, so its batches are
+always padded to the full 64 (`cuts_padding`).
 
-CLIP text is cleaned as OpenAI's tokenizer cleaned it in training (`clip_clean`) before
-`transformers`' tokenizer sees it; that one only applies NFC, collapses whitespace and lowers
-case, so curly quotes and HTML entities would otherwise become other tokens.
+Text is cleaned as each model's own tokenizer pipeline cleaned it in training before
+`transformers`' tokenizer sees it. CLIP: as OpenAI's tokenizer (`clip_clean`); the
+`transformers` one only applies NFC, collapses whitespace and lowers case, so curly quotes
+and HTML entities would otherwise become other tokens. SigLIP: lower case, punctuation
+removed, whitespace collapsed (`siglip_clean`, as `SiglipTokenizer` does). SigLIP 2: lower
+case (its Gemma tokenizer on the Hub does not lower-case by itself).
 """
 
 from __future__ import annotations
 
 import html
 import re
+import string
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ftfy
 import torch
@@ -37,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _WHITESPACE = re.compile(r"\s+")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def clip_clean(text: str) -> str:
@@ -52,9 +63,20 @@ def clip_clean(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip().lower()
 
 
+def siglip_clean(text: str) -> str:
+    """`text` as `SiglipTokenizer.canonicalize_text` hands it to SentencePiece: lower case, ASCII
+    punctuation removed, whitespace collapsed (big_vision's rule for SigLIP's prompts).
+
+    Done here too, so that a SigLIP tokenizer saved without that step (a fast tokenizer, the
+    tiny test ones) gives the same tokens; the rule is idempotent, so doing it twice is harmless.
+    """
+    return _WHITESPACE.sub(" ", text.lower().translate(_NO_PUNCTUATION)).strip()
+
+
 @dataclass
 class Tokens:
-    """Token ids of a batch, padded to its longest sequence, and each sequence's real length."""
+    """Token ids of a batch, padded to its longest sequence (SigLIP: to its fixed length), and each
+    sequence's real length."""
 
     ids: torch.Tensor  # (B, L) long
     lengths: torch.Tensor  # (B,) long
@@ -84,6 +106,7 @@ class TextTower(nn.Module):
         self.token_embedding = token_embedding
         self.blocks = blocks
         self.max_length = max_length
+        self.prompt_start = _text_start(tokenizer)
         self.requires_grad_(False)
         self.eval()
 
@@ -118,12 +141,27 @@ class TextTower(nn.Module):
         out = self.tokenizer([self.clean(t) for t in texts], truncation=True, max_length=self.max_length, padding=False)
         return [list(ids) for ids in out["input_ids"]]
 
+    # Whether a batch may be cut to its longest sequence with no change in any feature.
+    cuts_padding = True
+
+    def batch(self, sequences: Sequence[Sequence[int]], length: int | None = None) -> Tokens:
+        """Token lists as one batch: padded to `length`, else to the longest one where that is exact
+        (`cuts_padding`), else to the full context the model was trained on."""
+        if length is None and not self.cuts_padding:
+            length = self.max_length
+        return pad(sequences, self.pad_id, length)
+
     def tokenize(self, texts: Sequence[str], length: int | None = None) -> Tokens:
-        return pad(self.token_lists(texts), self.pad_id, length)
+        return self.batch(self.token_lists(texts), length)
 
     def count_words(self, phrase: str) -> int:
         """How many tokens `phrase` takes, special tokens excluded."""
         return len(self.tokenizer(self.clean(phrase), add_special_tokens=False)["input_ids"])
+
+    @property
+    def num_special_tokens(self) -> int:
+        """Tokens the tokenizer adds to every text (CLIP: start and end; SigLIP: end only)."""
+        return self.tokenizer.num_special_tokens_to_add()
 
     # -- the three places the towers differ ----------------------------------------------
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,36 +180,63 @@ class TextTower(nn.Module):
         """L2-normalised features; `prompts` is (depth, n_ctx, width) or None for plain text."""
         ids = tokens.ids
         x = self.token_embedding(ids)
-        depth = 0
+        depth, start = 0, self.prompt_start
         if prompts is not None:
-            depth, n = prompts.shape[0], prompts.shape[1]
-            x = _replace(x, prompts[0], n)
+            depth = prompts.shape[0]
+            x = _replace(x, prompts[0], start)
         x = self.add_positions(x)
         mask = self.attention_mask(tokens, ids.shape[1])
         for i, block in enumerate(self.blocks):
             if 1 <= i < depth:
-                x = _replace(x, prompts[i], n)
+                x = _replace(x, prompts[i], start)
             x = block(x, attention_mask=mask, **self.block_kwargs)
         return F.normalize(self.pool(x, tokens).float(), dim=-1)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Plain (unprompted) normalised features of `texts`, on the CPU."""
-        feats = []
-        for start in range(0, len(texts), batch_size):
-            toks = self.tokenize(texts[start : start + batch_size]).to(self.device)
-            feats.append(self(toks).cpu())
-        return torch.cat(feats) if feats else torch.empty(0, self.feature_dim)
+    def encode(self, texts: Sequence[str], batch_size: int = 256, max_tokens: int = 8192) -> torch.Tensor:
+        """Plain (unprompted) normalised features of `texts`, on the CPU, in the order given."""
+        return self.encode_lists(self.token_lists(texts) if len(texts) else [], None, batch_size, max_tokens)
+
+    @torch.no_grad()
+    def encode_lists(self, lists: Sequence[Sequence[int]], prompts: torch.Tensor | None = None, batch_size: int = 256,
+                     max_tokens: int = 8192, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Normalised features of token lists (with `prompts`, if given), on the CPU, in the order given.
+
+        Lists are batched in order of length, at most `batch_size` lists and about `max_tokens`
+        tokens a batch, so each batch holds sequences of about one length and little compute goes
+        to padding; the features equal those of batches in the given order up to float rounding
+        (other batch shapes), nothing else. `progress(n)` is called after each batch of n.
+        """
+        order = sorted(range(len(lists)), key=lambda i: len(lists[i]))
+        out = torch.empty(len(lists), self.feature_dim)
+        part: list[int] = []
+        for n, i in enumerate(order):
+            part.append(i)
+            last = n == len(order) - 1
+            if last or len(part) == batch_size or (len(part) + 1) * len(lists[order[n + 1]]) > max_tokens:
+                out[part] = self(self.batch([lists[j] for j in part]).to(self.device), prompts).float().cpu()
+                if progress:
+                    progress(len(part))
+                part = []
+        return out
 
     @property
     def feature_dim(self) -> int:
         return self.width
 
 
-def _replace(x: torch.Tensor, ctx: torch.Tensor, n: int) -> torch.Tensor:
-    """x with positions 1..n (just after the start token) replaced by `ctx`."""
+def _replace(x: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
+    """x with the n_ctx positions from `start` on replaced by `ctx` (n_ctx, width)."""
     ctx = ctx.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-    return torch.cat([x[:, :1], ctx, x[:, 1 + n :]], dim=1)
+    return torch.cat([x[:, :start], ctx, x[:, start + ctx.shape[1] :]], dim=1)
+
+
+def _text_start(tokenizer) -> int:
+    """Where the tokenizer puts a text's first token: after the special tokens it puts in front
+    (CLIP's <|startoftext|>, BERT's [CLS]); 0 when it adds tokens at the end only (SigLIP)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    return next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
 
 
 class ClipText(TextTower):
@@ -237,3 +302,65 @@ class BertText(TextTower):
     def pool(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         keep = (torch.arange(x.shape[1], device=x.device)[None, :] < tokens.lengths[:, None]).to(x.dtype)
         return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+
+
+class SiglipText(TextTower):
+    """SigLIP's text transformer: bidirectional attention with no padding mask over a fixed-length
+    input, feature = head(LN(x at the last position)).
+
+    The original models were trained on text padded to 64 tokens with EOS and no mask, and the
+    last position, usually padding, is what they pool: every batch is padded to the full length
+    with EOS, or the features would not be the model's. The tokenizer appends EOS and puts nothing
+    in front, so the context vectors take positions 0..n_ctx-1.
+    """
+
+    kind = "siglip"
+    cuts_padding = False
+    text_rule = "siglip-canonical"
+
+    def __init__(self, tokenizer, text_model: nn.Module):
+        emb = text_model.embeddings
+        super().__init__(tokenizer, emb.token_embedding, text_model.encoder.layers, emb.position_embedding.num_embeddings)
+        self.position_embedding = emb.position_embedding
+        self.final_layer_norm = text_model.final_layer_norm
+        self.head = text_model.head
+        text_model.config._attn_implementation = "sdpa"  # no mask: SDPA's fused kernels
+        self.requires_grad_(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.out_features
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def clean(self, text: str) -> str:
+        return siglip_clean(text)
+
+    def add_positions(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.position_embedding.weight[: x.shape[1]]
+
+    def attention_mask(self, tokens: Tokens, length: int) -> None:
+        return None
+
+    def pool(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        if x.shape[1] != self.max_length:
+            raise ValueError(f"SigLIP pools position {self.max_length - 1}: pad batches to {self.max_length} tokens "
+                             f"(TextTower.batch), got {x.shape[1]}")
+        return self.head(self.final_layer_norm(x[:, -1]))
+
+
+class Siglip2Text(SiglipText):
+    """SigLIP 2's text transformer: SigLIP's, with the Gemma tokenizer. Text is padded with Gemma's
+    own <pad> token (not EOS) and lower-cased, as in training; punctuation is kept."""
+
+    kind = "siglip2"
+    text_rule = "lower"
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def clean(self, text: str) -> str:
+        return text.lower()

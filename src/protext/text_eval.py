@@ -31,13 +31,13 @@ import torch
 from .backbone import Backbone
 from .cache import atomic_write_bytes, atomic_write_json, sha1
 from .datasets import split_base_novel
-from .descriptions import load_descriptions
+from .descriptions import load_descriptions, normalize_name
 from .errors import ProtextError
 from .features import encode_texts
-from .heads import ensemble
+from .heads import Heads, Waffle, ensemble
 from .metrics import harmonic_mean, top1
 from .model import ProText
-from .sources import dataset_of, resolve
+from .sources import dataset_of, load_descriptors, resolve
 from .templates import protext_template
 from .train import TrainConfig, load_or_train, make_config
 
@@ -113,7 +113,8 @@ class TextEvaluator:
     """Holds a backbone and the settings shared by both protocols."""
 
     def __init__(self, backbone: Backbone, cfg: TrainConfig, cache_dir: Path | None = None, template: str | None = None,
-                 mask_word: str = "thing", show_progress: bool = False, work_dir: Path | None = None):
+                 mask_word: str = "thing", show_progress: bool = False, work_dir: Path | None = None,
+                 waffle: Waffle = Waffle(), descriptors: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
         self.backbone = backbone
         self.cfg = replace(cfg, depth=min(cfg.depth, backbone.text.num_layers))
         self.cache_dir = cache_dir
@@ -121,6 +122,8 @@ class TextEvaluator:
         self.mask_word = mask_word
         self.show_progress = show_progress
         self.work_dir = Path(work_dir) if work_dir else (Path(cache_dir or ".") / "eval-text-runs")
+        self.waffle = waffle
+        self.descriptors = {d: {normalize_name(k): list(v) for k, v in m.items()} for d, m in (descriptors or {}).items()}
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_texts(self.backbone, list(texts), self.cache_dir, show_progress=self.show_progress)
@@ -132,14 +135,22 @@ class TextEvaluator:
         return load_or_train(self.backbone, data, self.cfg, self.work_dir / key, self.cache_dir, self.show_progress)
 
     def score(self, queries: Queries, classes: Sequence[str], model: ProText,
-              train_data: Mapping[str, Sequence[str]] | None, template: str) -> dict[str, float]:
+              train_data: Mapping[str, Sequence[str]] | None, template: str,
+              dataset: str | None = None) -> dict[str, float]:
+        """Top-1 of each head. clip and protext read `template`; cupl ensembles `train_data`;
+        waffle is WaffleCLIP's; dclip runs when this dataset's descriptors cover every class."""
         q = self.encode(queries.texts)
         heads = {
             "clip": self.encode([template.format(c) for c in classes]),
             "protext": model.encode_classes(classes, template),
+            "waffle": Heads(self.backbone, cache_dir=self.cache_dir, waffle=self.waffle).get("waffle", classes),
         }
         if train_data is not None:
             heads["cupl"] = torch.stack([ensemble(self.encode(train_data[c])) for c in classes])
+        descriptors = self.descriptors.get(dataset or "")
+        if descriptors and all(normalize_name(c) in descriptors for c in classes):
+            heads["dclip"] = Heads(self.backbone, cache_dir=self.cache_dir, descriptors=descriptors).get(
+                "dclip", classes, dataset)
         return {name: top1(q, queries.labels, w) for name, w in heads.items()}
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
@@ -152,10 +163,11 @@ class TextEvaluator:
         model = self.train_prompts(train_part)
         base_q = make_queries(held, base, self.mask_word)
         novel_q = make_queries(data, novel, self.mask_word)
-        b = self.score(base_q, base, model, train_part, template)
-        n = self.score(novel_q, novel, model, None, template)
+        dataset = dataset_of(name)
+        b = self.score(base_q, base, model, train_part, template, dataset)
+        n = self.score(novel_q, novel, model, None, template, dataset)
         n["cupl"] = n["clip"]  # no descriptions to train on for novel classes: CuPL falls back
-        result = {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b},
+        result = {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b if h in n},
                   "classes": {"base": len(base), "novel": len(novel)},
                   "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)}, "template_text": template,
                   "examples": examples(novel_q, novel, 3)}
@@ -169,7 +181,7 @@ class TextEvaluator:
             classes = list(data)
             q = make_queries(data, classes, self.mask_word)
             template = self.template or protext_template(dataset_of(name), cross_dataset=True)
-            out[name] = {**self.score(q, classes, model, None, template), "classes": len(classes),
+            out[name] = {**self.score(q, classes, model, None, template, dataset_of(name)), "classes": len(classes),
                          "queries": len(q.texts), "template_text": template, "examples": examples(q, classes, 2)}
         return out
 
@@ -181,28 +193,34 @@ def examples(q: Queries, classes: Sequence[str], k: int) -> list[dict]:
             for i in range(0, len(q.texts), step)][:k]
 
 
+HEAD_ORDER = ("clip", "cupl", "dclip", "waffle", "protext")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def markdown_base_to_novel(results: Mapping[str, dict]) -> str:
-    heads = ["clip", "cupl", "protext"]
+    """One row per set; a head a set could not run shows "–", and its mean is over the sets that ran it."""
+    heads = [h for h in HEAD_ORDER if any(h in r["hm"] for r in results.values())]
     lines = ["| set | " + " | ".join(f"{h} base / novel / HM" for h in heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    mean = {h: [0.0, 0.0, 0.0] for h in heads}
     for name, r in results.items():
-        cells = []
-        for h in heads:
-            vals = (r["base"][h], r["novel"][h], r["hm"][h])
-            cells.append(" / ".join(f"{v:.1f}" for v in vals))
-            mean[h] = [m + v / len(results) for m, v in zip(mean[h], vals)]
+        cells = [" / ".join(f"{r[g][h]:.1f}" for g in ("base", "novel", "hm")) if h in r["hm"] else "–" for h in heads]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **mean** | " + " | ".join(" / ".join(f"{v:.1f}" for v in mean[h]) for h in heads) + " |")
+    means = [" / ".join(f"{_mean([r[g][h] for r in results.values() if h in r['hm']]):.1f}"
+                        for g in ("base", "novel", "hm")) for h in heads]
+    lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
 
 def markdown_cross(results: Mapping[str, dict]) -> str:
-    lines = ["| target set | clip | protext | template text |", "|---|---|---|---|"]
+    heads = [h for h in HEAD_ORDER if any(h in r for r in results.values())]
+    lines = ["| target set | " + " | ".join(heads) + " | template text |", "|---" * (len(heads) + 2) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['clip']:.1f} | {r['protext']:.1f} | {r.get('template_text', '')} |")
-    n = max(len(results), 1)
-    lines.append(f"| **mean** | {sum(r['clip'] for r in results.values()) / n:.1f} | "
-                 f"{sum(r['protext'] for r in results.values()) / n:.1f} | |")
+        cells = [f"{r[h]:.1f}" if h in r else "–" for h in heads]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('template_text', '')} |")
+    means = [f"{_mean([r[h] for r in results.values() if h in r]):.1f}" for h in heads]
+    lines.append("| **mean** | " + " | ".join(means) + " | |")
     return "\n".join(lines)
 
 
@@ -224,18 +242,27 @@ def load_sets(specs: Sequence[str], protocol: str = "both", cache_dir: Path | No
 def run(backbone: Backbone, sets: Mapping[str, dict], out: Path, protocol: str = "both", source: str = "cupl:imagenet",
         holdout: float = 0.2, seed: int = 1, mask_word: str = "thing", template: str | None = None,
         config_file: Path | None = None, overrides: Mapping | None = None, cache_dir: Path | None = None,
-        show_progress: bool = True) -> tuple[dict, str]:
+        show_progress: bool = True, descriptors: Sequence[str] = (), waffle: Waffle = Waffle()) -> tuple[dict, str]:
     """The image-free check of `sets` (from `load_sets`); writes eval_text.json and eval_text.md to `out`
     and returns the report and its Markdown. Settings: each protocol's preset, then `config_file`, then
-    `overrides`; trained prompts are kept under `out/runs`, so a rerun reuses them."""
+    `overrides`; trained prompts are kept under `out/runs`, so a rerun reuses them. `descriptors`
+    (DCLIP files or dclip:NAME sets) give the dclip head to the sets of the same dataset."""
     if not 0 < holdout < 1:
         raise ProtextError(f"holdout must be between 0 and 1, got {holdout}")
     report: dict = {"backbone": backbone.name, "holdout": holdout, "seed": seed, "mask_word": mask_word}
     md: list[str] = []
 
+    by_dataset = {}
+    for spec in descriptors:
+        dataset = dataset_of(spec)
+        if dataset is None:
+            raise ProtextError(f"{spec}: cannot tell which dataset these descriptors belong to; name the file after "
+                               f"it (e.g. dtd.json or descriptors_dtd.json)")
+        by_dataset[dataset] = load_descriptors(spec, cache_dir)
+
     def evaluator(preset: str) -> TextEvaluator:
         return TextEvaluator(backbone, make_config(preset, config_file, overrides), cache_dir, template, mask_word,
-                             show_progress, Path(out) / "runs")
+                             show_progress, Path(out) / "runs", waffle, by_dataset)
 
     if protocol in ("base2novel", "both"):
         ev = evaluator("base2novel")

@@ -4,7 +4,8 @@ What makes it fast, each exact (tests compare against a plain re-implementation)
 - targets (descriptions through the frozen, unprompted encoder) never change, so they are
   encoded once and cached on disk, keyed by backbone, revision and text;
 - a batch of 256 pairs holds far fewer distinct classes; each is encoded once;
-- sequences are cut to the longest in the batch instead of CLIP's 77 tokens.
+- sequences are cut to the longest in the batch instead of CLIP's 77 tokens (not for SigLIP,
+  whose bidirectional attention over padding makes the cut change its features).
 
 What makes it safe: a checkpoint (prompts, optimiser state, epochs done) is written
 atomically after every epoch and each epoch's shuffle depends only on (seed, epoch), so a
@@ -31,7 +32,6 @@ from .features import encode_texts
 from .model import DEFAULT_TEMPLATE, INIT_PHRASE, ProText, is_complete
 from .presets import PRESETS
 from .templates import check_template
-from .text_encoder import pad
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
@@ -63,6 +63,10 @@ class TrainConfig:
     loss_scale: float = _setting(1000.0, "loss multiplier")
     seed: int = _setting(1, "random seed (initialisation and shuffling)")
     precision: str = _setting("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (any device)")
+    batching: str = _setting("paper", "paper: each batch a random draw of pairs, as the paper; grouped: each batch "
+                                      "drawn from about classes_per_batch classes, so a step encodes far fewer "
+                                      "distinct inputs (every pair is still seen once per epoch)")
+    classes_per_batch: int = _setting(8, "grouped batching: classes whose pairs fill a batch together")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -71,6 +75,10 @@ class TrainConfig:
             raise ProtextError("init must be 'random' or the words to initialise the context from, got ''")
         if self.loss not in ("mse", "l1"):
             raise ProtextError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
+        if self.batching not in ("paper", "grouped"):
+            raise ProtextError(f"batching must be 'paper' or 'grouped', got {self.batching!r}")
+        if self.classes_per_batch < 1:
+            raise ProtextError(f"classes_per_batch must be at least 1, got {self.classes_per_batch}")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ProtextError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         for name in ("epochs", "batch_size", "n_ctx", "depth"):
@@ -160,11 +168,27 @@ def loss_fn(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor) -> torch
     return loss * cfg.loss_scale
 
 
+def epoch_order(classes: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Tensor:
+    """The order pairs are visited in this epoch, a function of (seed, epoch) only, so a resumed
+    run repeats it. "paper": a uniform shuffle. "grouped": classes in a shuffled order, taken
+    `classes_per_batch` at a time, their pairs shuffled within the group; consecutive batches
+    then hold few classes, and every pair is still visited once."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    if cfg.batching == "paper":
+        return torch.randperm(len(classes), generator=gen)
+    shuffled = torch.randperm(int(classes.max()) + 1, generator=gen)
+    rank = torch.empty_like(shuffled)
+    rank[shuffled] = torch.arange(len(shuffled))
+    group = (rank[classes] // cfg.classes_per_batch).double()
+    return torch.argsort(group + torch.rand(len(classes), generator=gen, dtype=torch.double))
+
+
 def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: torch.Tensor,
                targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Loss of one batch: each distinct class encoded once, cut to the batch's longest sequence."""
+    """Loss of one batch: each distinct class encoded once, cut to the batch's longest sequence where
+    that is exact (`TextTower.batch`: CLIP and BERT, not SigLIP)."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
-    tokens = pad([class_tokens[i] for i in uniq.tolist()], model.backbone.text.pad_id)
+    tokens = model.backbone.text.batch([class_tokens[i] for i in uniq.tolist()])
     feats = model(tokens)
     return loss_fn(cfg, feats[inverse.to(feats.device)], targets)
 
@@ -230,7 +254,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
             lr = lr_at(cfg, epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            order = epoch_order(cls_t, cfg, epoch)
             total, seen, t_epoch = 0.0, 0, time.time()
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]

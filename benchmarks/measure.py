@@ -1,0 +1,50 @@
+"""Shared by the benchmark scripts: resident memory, its peak over a block, and a ViT-B/16-shaped CLIP."""
+
+from __future__ import annotations
+
+import re
+import resource
+import threading
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+IMAGENET_DESCRIPTIONS = SHARED / "descriptions" / "cupl" / "imagenet_prompts_base.json"
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Samples resident memory every 10 ms in a thread; `.peak` is the highest seen."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def vit_b16_clip(texts: list[str], device: str = "cpu"):
+    """A random CLIP of ViT-B/16's text shape (width 512, 12 layers, 8 heads, 77 tokens, 49,408 ids)
+    whose tokenizer knows the 20,000 commonest words of `texts` as whole tokens, so sequences are
+    about as long as real CLIP BPE makes them."""
+    from protext.tiny import tiny_clip
+
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower()))
+    words = ["a", "photo", "of"] + [w for w, _ in counts.most_common(20000)]
+    return tiny_clip(seed=0, words=words, width=512, layers=12, heads=8, vocab_size=49408, context=77,
+                     projection=512, vision_width=768, vision_layers=12, vision_heads=12, image_size=224,
+                     patch=16).to(device)

@@ -1,0 +1,131 @@
+"""`label --engine ray` on a local Ray instance the tests start (2 CPUs, loopback only)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from support import ROOT, SHARED
+
+from protext.backbone import load_backbone
+from protext.classifier import ProTextClassifier
+from protext.distributed import Classify, label_on_ray
+from protext.label import collect, label
+from protext.model import ProText
+
+ray = pytest.importorskip("ray")
+
+CLASSES = ["airplane", "cat", "frog", "ship"]
+CIFAR = SHARED / "images" / "cifar10_test_sample"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_folder, tmp_path_factory):
+    pt = ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2, seed=2)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    folder = pt.save_pretrained(tmp_path_factory.mktemp("prompts"))
+    return ProTextClassifier.from_prompts(folder, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("c"))
+
+
+def rows(path):
+    return {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def images(tmp_path, n=None):
+    paths = collect([CIFAR])[:n]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    return paths + [broken]
+
+
+def same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for path in a:
+        x, y = a[path], b[path]
+        assert (x["label"], x["top_labels"], x["error"]) == (y["label"], y["top_labels"], y["error"]), path
+        assert x["top_probs"] == pytest.approx(y["top_probs"], abs=2e-6)
+
+
+def test_ray_gives_the_rows_of_the_single_machine_path(cluster, clf, tmp_path, monkeypatch):
+    import protext.distributed as distributed
+
+    monkeypatch.setattr(distributed, "SHARD", 32)  # several shards from 101 images
+    paths = images(tmp_path)
+    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
+    report = label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=2, batch_size=8, show_progress=False)
+    assert report.labelled == len(paths) and report.reused == 0 and len(report.unreadable) == 1
+    same_rows(rows(tmp_path / "one.jsonl"), rows(tmp_path / "ray.jsonl"))
+    assert not (tmp_path / "ray.jsonl.parts").exists()
+
+
+class Flaky(Classify):
+    """Dies (the whole worker process) on its first batch, once per test, as a crashed machine would."""
+
+    def __call__(self, batch):
+        marker = os.environ["PROTEXT_TEST_MARKER"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_an_actor_that_dies_is_retried_and_every_image_is_labelled_once(cluster, clf, tmp_path, monkeypatch):
+    import protext.distributed as distributed
+
+    marker = tmp_path / "died"
+    monkeypatch.setenv("PROTEXT_TEST_MARKER", str(marker))
+    monkeypatch.setattr(distributed, "Classify", Flaky)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests
+    monkeypatch.setattr(distributed, "SHARD", 16)
+    paths = images(tmp_path, 40)
+    report = label_on_ray(clf, paths, tmp_path / "out.jsonl", workers=1, batch_size=8, show_progress=False,
+                          runtime_env={"env_vars": {"PROTEXT_TEST_MARKER": str(marker)}})
+    assert marker.exists()  # an actor really died
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == len(paths) == report.images
+    assert sorted(json.loads(line)["path"] for line in lines) == sorted(map(str, paths))
+
+
+def _label_cmd(prompts, out, paths):
+    return [sys.executable, "-m", "protext", "label", *map(str, paths), "--prompts", str(prompts), "--classes",
+            ",".join(CLASSES), "--output", str(out), "--engine", "ray", "--workers", "1", "--batch-size", "4",
+            "--no-progress"]
+
+
+def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folder, clf, tmp_path):
+    prompts = clf.heads.prompts.save_pretrained(tmp_path / "p")
+    paths = [tmp_path / "imgs" / f"{i:03d}.jpg" for i in range(600)]  # SHARD images a shard: several shards
+    paths[0].parent.mkdir()
+    sources = collect([CIFAR])
+    for i, p in enumerate(paths):
+        shutil.copy(sources[i % len(sources)], p)
+    out = tmp_path / "labels.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(_label_cmd(prompts, out, [paths[0].parent]), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(parts.glob("shard-*.jsonl")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    proc.wait()
+    written = {json.loads(line)["path"] for f in parts.glob("shard-*.jsonl") for line in f.read_text().splitlines()}
+    assert written and not out.exists(), "the job finished before it could be interrupted"
+    done = subprocess.run(_label_cmd(prompts, out, [paths[0].parent]), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["reused"] == len(written) and report["labelled"] == len(paths) - len(written)
+    assert len(rows(out)) == len(paths)
