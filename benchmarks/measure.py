@@ -37,14 +37,24 @@ class PeakRSS:
         self._thread.join()
 
 
-def vit_b16_clip(texts: list[str], device: str = "cpu"):
-    """A random CLIP of ViT-B/16's text shape (width 512, 12 layers, 8 heads, 77 tokens, 49,408 ids)
-    whose tokenizer knows the 20,000 commonest words of `texts` as whole tokens, so sequences are
-    about as long as real CLIP BPE makes them."""
-    from protext.tiny import tiny_clip
+VIT_B16 = dict(width=512, layers=12, heads=8, vocab_size=49408, context=77, projection=512, vision_width=768,
+               vision_layers=12, vision_heads=12, image_size=224, patch=16)
 
+
+def _words(texts: list[str]) -> list[str]:
     counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower()))
-    words = ["a", "photo", "of"] + [w for w, _ in counts.most_common(20000)]
-    return tiny_clip(seed=0, words=words, width=512, layers=12, heads=8, vocab_size=49408, context=77,
-                     projection=512, vision_width=768, vision_layers=12, vision_heads=12, image_size=224,
-                     patch=16).to(device)
+    return ["a", "photo", "of"] + [w for w, _ in counts.most_common(20000)]
+
+
+def vit_b16_clip(texts: list[str], device: str = "cpu", folder: Path | None = None):
+    """A random CLIP of ViT-B/16's shape (text: width 512, 12 layers, 8 heads, 77 tokens, 49,408 ids;
+    image: width 768, 12 layers, 224 px, 16 px patches) whose tokenizer knows the 20,000 commonest
+    words of `texts` as whole tokens, so sequences are about as long as real CLIP BPE makes them.
+    With `folder`, it is saved there and loaded back (other processes can load it by that path)."""
+    from protext.backbone import load_backbone
+    from protext.tiny import save_tiny_clip, tiny_clip
+
+    if folder is None:
+        return tiny_clip(seed=0, words=_words(texts), **VIT_B16).to(device)
+    save_tiny_clip(folder, seed=0, words=_words(texts), **VIT_B16)
+    return load_backbone(str(folder), device=device)

@@ -135,7 +135,8 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
     if not names:
         raise ProtextError("no images to label")
     parts = Parts(output, _settings(clf, top_k, min_prob, scores))
-    shards = {i: names[start : start + SHARD] for i, start in enumerate(range(0, len(names), SHARD))}
+    unique = list(dict.fromkeys(names))  # a path given twice is labelled once and written twice
+    shards = {i: unique[start : start + SHARD] for i, start in enumerate(range(0, len(unique), SHARD))}
     todo = {i: shard for i, shard in shards.items() if not parts.has_shard(i)}
     reused = sum(len(s) for i, s in shards.items() if i not in todo)
     start = time.perf_counter()
@@ -169,5 +170,5 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
     final = [parts.rows[n] for n in names]
     write_rows(final, output, fmt, top_k)
     parts.remove()
-    return LabelReport(output, len(names), len(names) - reused, reused,
+    return LabelReport(output, len(names), len(unique) - reused, reused,
                        [(r["path"], r["error"]) for r in final if r["error"] is not None], seconds)

@@ -1,0 +1,68 @@
+"""`label --engine ray` against the single-process path: images per second, on the same images.
+
+Model: a random CLIP with ViT-B/16's image tower (see measure.vit_b16_clip). Images: the real
+ImageNet sample JPEGs in ../shared/data, repeated to `--images`. Runs the single-process
+`label.label`, then `distributed.label_on_ray` with 1 and 2 classifying actors (each with a
+fresh output), on a local Ray instance (or `--address auto` on a real cluster, where
+`--workers` can go up to its nodes). On one 2-core machine Ray can only add overhead (task
+scheduling, the object store, actors that each hold a model); the point of the figure is how
+much. The last line is the ratio of the best Ray figure to the single-process one.
+
+    python benchmarks/ray_scaling.py [--images 128] [--workers 1,2] [--address auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from measure import IMAGENET_DESCRIPTIONS, SHARED, vit_b16_clip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--address", default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    import ray
+
+    from protext.classifier import ProTextClassifier
+    from protext.descriptions import load_descriptions
+    from protext.distributed import label_on_ray
+    from protext.label import label
+
+    work = Path(tempfile.mkdtemp(prefix="protext-ray-"))
+    texts = [s for v in load_descriptions(IMAGENET_DESCRIPTIONS).values() for s in v][:2000]
+    backbone = vit_b16_clip(texts, folder=work / "clip")  # a folder: the actors load the backbone by its path
+    clf = ProTextClassifier.from_backbone(backbone, ["otter", "beaver", "muskrat", "cat", "dog"])
+    samples = sorted((SHARED / "images" / "imagenet_sample").iterdir())
+    (work / "images").mkdir()
+    paths = []
+    for i in range(args.images):  # distinct files, so that nothing is labelled once for two paths
+        paths.append(work / "images" / f"{i:05d}{samples[i % len(samples)].suffix}")
+        shutil.copy(samples[i % len(samples)], paths[-1])
+    print(f"{args.images} ImageNet JPEGs, ViT-B/16-shaped random CLIP, torch threads {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    label(clf, paths, work / "single.jsonl", batch_size=args.batch_size, show_progress=False)
+    single = args.images / (time.perf_counter() - t0)
+    print(f"| path | images/s |\n|---|---|\n| single process | {single:.2f} |", flush=True)
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    best = 0.0
+    for n in map(int, args.workers.split(",")):
+        t0 = time.perf_counter()
+        label_on_ray(clf, paths, work / f"ray-{n}.jsonl", workers=n, batch_size=args.batch_size, show_progress=False)
+        rate = args.images / (time.perf_counter() - t0)
+        best = max(best, rate)
+        print(f"| ray, {n} actor(s) (start-up included) | {rate:.2f} |", flush=True)
+    print(f"best ray / single process images per second: {best / single:.2f}")
+
+
+if __name__ == "__main__":
+    main()
