@@ -23,15 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import PeakRSS, rss_mb  # noqa: E402
+
 DESCRIPTIONS = ROOT.parent / "shared" / "data" / "descriptions" / "cupl" / "imagenet_prompts_base.json"
 BATCH = 256
 # The text tower each --backbone builds: (description, tiny builder, its keyword arguments).
@@ -41,30 +42,6 @@ SHAPES = {
     "siglip": ("SigLIP-B/16-shaped text tower", "tiny_siglip",
                dict(width=768, layers=12, heads=12, vocab_size=32000, context=64, vision_heads=4)),  # tiny image tower
 }
-
-
-def rss_mb() -> float:
-    """Resident memory now (Linux), in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakRSS:
-    """Samples resident memory every 10 ms in a thread; `.peak` is the highest seen."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def build(device: str, shape: str):

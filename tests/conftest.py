@@ -34,3 +34,17 @@ def eurosat(shared):
     from protext.descriptions import load_descriptions
 
     return load_descriptions(CUPL / "eurosat_prompts_full.json")
+
+
+@pytest.fixture(scope="session")
+def prompts_dir(tiny_folder, tmp_path_factory) -> Path:
+    """Prompts with random (not initial) values on the tiny CLIP folder, saved once per session."""
+    import torch
+
+    from protext.backbone import load_backbone
+    from protext.model import ProText
+
+    pt = ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2, seed=2)
+    with torch.no_grad():
+        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    return pt.save_pretrained(tmp_path_factory.mktemp("prompts"))

@@ -9,14 +9,11 @@ import sys
 import time
 
 import pytest
-import torch
 from support import ROOT, SHARED
 
-from protext.backbone import load_backbone
 from protext.classifier import ProTextClassifier
 from protext.distributed import Classify, label_on_ray
 from protext.label import collect, label
-from protext.model import ProText
 
 ray = pytest.importorskip("ray")
 
@@ -32,12 +29,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def clf(tiny_folder, tmp_path_factory):
-    pt = ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2, seed=2)
-    with torch.no_grad():
-        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    folder = pt.save_pretrained(tmp_path_factory.mktemp("prompts"))
-    return ProTextClassifier.from_prompts(folder, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("c"))
+def clf(prompts_dir, tmp_path_factory):
+    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("c"))
 
 
 def rows(path):

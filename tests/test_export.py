@@ -8,23 +8,13 @@ from safetensors.torch import load_file
 from support import ROOT, SHARED
 
 import protext.export as export_module
-from protext.backbone import load_backbone
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.errors import ProtextError
 from protext.export import export
 from protext.images import list_images, load_pixels
-from protext.model import ProText
 
 CLASSES = ["airplane", "cat", "frog", "ship"]
-
-
-@pytest.fixture(scope="module")
-def prompts_dir(tiny_folder, tmp_path_factory):
-    pt = ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2, seed=2)
-    with torch.no_grad():
-        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    return pt.save_pretrained(tmp_path_factory.mktemp("prompts"))
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,6 @@ CIFAR = SHARED / "images" / "cifar10_test_sample"
 
 
 @pytest.fixture(scope="module")
-def prompts_dir(tiny_folder, tmp_path_factory):
-    pt = ProText.create(load_backbone(str(tiny_folder), device="cpu"), depth=2, seed=2)
-    with torch.no_grad():
-        pt.prompts.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    return pt.save_pretrained(tmp_path_factory.mktemp("prompts"))
-
-
-@pytest.fixture(scope="module")
 def prompts(prompts_dir, tiny_folder):
     return ProText.from_pretrained(prompts_dir, backbone=load_backbone(str(tiny_folder), device="cpu"))
 
