@@ -9,6 +9,7 @@ model's full context length.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -61,3 +62,34 @@ def plain_loss(model: ProText, class_names: Sequence[str], texts: Sequence[str],
         targets = text(text.tokenize(texts, length=full).to(text.device))
     inputs = pad(model.class_token_lists(class_names), text.pad_id, length=full)
     return loss_fn(cfg, model(inputs), targets)
+
+
+def quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """CLIP's activation."""
+    return h * torch.sigmoid(1.702 * h)
+
+
+def tanh_gelu(h: torch.Tensor) -> torch.Tensor:
+    """SigLIP's activation."""
+    return torch.nn.functional.gelu(h, approximate="tanh")
+
+
+def block_by_hand(layer, x: torch.Tensor, causal: bool, gelu) -> torch.Tensor:
+    """One pre-LN transformer block written out: self-attention (causal for CLIP; for SigLIP no mask
+    at all, so every position, padding included, sees every other), then the MLP with `gelu`."""
+    F = torch.nn.functional
+    attn = layer.self_attn
+    h = F.layer_norm(x, (x.shape[-1],), layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps)
+    B, L, D = h.shape
+    heads = attn.num_heads
+    q = (h @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    k = (h @ attn.k_proj.weight.T + attn.k_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    v = (h @ attn.v_proj.weight.T + attn.v_proj.bias).view(B, L, heads, -1).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+    x = x + a @ attn.out_proj.weight.T + attn.out_proj.bias
+    h = F.layer_norm(x, (D,), layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps)
+    h = gelu(h @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias)
+    return x + h @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias

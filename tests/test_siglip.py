@@ -7,14 +7,13 @@ pad token) and "siglip2-naflex" (google/siglip2-*-naflex: Siglip2Model, native-r
 
 import glob
 import json
-import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import CUPL, SHARED, make_coop_tree, plain_loss
+from support import CUPL, SHARED, block_by_hand, make_coop_tree, plain_loss, tanh_gelu
 
 from protext.backbone import from_model, load_backbone
 from protext.classifier import ProTextClassifier
@@ -62,23 +61,6 @@ def test_untrained_depth1_prompts_equal_get_text_features(variant):
     assert torch.allclose(backbone.text.encode([f"A photo of a {n}." for n in NAMES]), reference, atol=1e-6)
 
 
-def _layer_by_hand(layer, x):
-    """One SigLIP block written out: pre-LN self-attention with no mask at all (every position,
-    padding included, sees every other), then pre-LN MLP (tanh GELU)."""
-    attn = layer.self_attn
-    h = F.layer_norm(x, (x.shape[-1],), layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps)
-    B, L, D = h.shape
-    heads = attn.num_heads
-    q = (h @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    k = (h @ attn.k_proj.weight.T + attn.k_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    v = (h @ attn.v_proj.weight.T + attn.v_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    a = ((q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
-    x = x + a @ attn.out_proj.weight.T + attn.out_proj.bias
-    h = F.layer_norm(x, (D,), layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps)
-    h = F.gelu(h @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias, approximate="tanh")
-    return x + h @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias
-
-
 @pytest.mark.parametrize("variant, pad_token", [("siglip", "</s>"), ("siglip2", "<pad>")])
 def test_deep_prompts_match_a_hand_computed_two_layer_model(variant, pad_token):
     model, tok = _build_siglip(5, variant, ("a", "photo", "of"), {"layers": 2})
@@ -97,9 +79,9 @@ def test_deep_prompts_match_a_hand_computed_two_layer_model(variant, pad_token):
             x = tm.embeddings.token_embedding.weight[ids].clone()
             x[0:n] = pt.prompts[0]  # no start token: the context takes positions 0..3
             x = (x + tm.embeddings.position_embedding.weight[:64])[None]
-            x = _layer_by_hand(tm.encoder.layers[0], x)
+            x = block_by_hand(tm.encoder.layers[0], x, causal=False, gelu=tanh_gelu)
             x[0, 0:n] = pt.prompts[1]
-            x = _layer_by_hand(tm.encoder.layers[1], x)
+            x = block_by_hand(tm.encoder.layers[1], x, causal=False, gelu=tanh_gelu)
             last = F.layer_norm(x[0, -1], (x.shape[-1],), tm.final_layer_norm.weight, tm.final_layer_norm.bias,
                                 tm.final_layer_norm.eps)
             want.append(F.normalize(last @ tm.head.weight.T + tm.head.bias, dim=-1))

@@ -1,9 +1,8 @@
 import html
-import math
 
 import torch
 import torch.nn.functional as F
-from support import CUPL
+from support import CUPL, block_by_hand, quick_gelu
 
 from protext.backbone import from_model
 from protext.descriptions import load_descriptions
@@ -36,25 +35,6 @@ def test_untrained_depth1_prompts_equal_plain_clip_features():
     assert torch.allclose(prompted, reference, atol=1e-6), (prompted - reference).abs().max()
 
 
-def _layer_by_hand(layer, x):
-    """One CLIP block written out: pre-LN causal self-attention, then pre-LN MLP (quick GELU)."""
-    attn = layer.self_attn
-    h = F.layer_norm(x, (x.shape[-1],), layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps)
-    B, L, D = h.shape
-    heads = attn.num_heads
-    q = (h @ attn.q_proj.weight.T + attn.q_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    k = (h @ attn.k_proj.weight.T + attn.k_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    v = (h @ attn.v_proj.weight.T + attn.v_proj.bias).view(B, L, heads, -1).transpose(1, 2)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-    a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
-    x = x + a @ attn.out_proj.weight.T + attn.out_proj.bias
-    h = F.layer_norm(x, (D,), layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps)
-    h = h @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias
-    h = h * torch.sigmoid(1.702 * h)
-    return x + h @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias
-
-
 def test_deep_prompt_replacement_matches_hand_computed_two_layer_model():
     model, tok = _build(5, ("a", "photo", "of"), {"layers": 2})
     assert model.config.text_config.hidden_act == "quick_gelu"
@@ -73,9 +53,9 @@ def test_deep_prompt_replacement_matches_hand_computed_two_layer_model():
             x = tm.embeddings.token_embedding.weight[ids].clone()
             x[1 : 1 + n] = pt.prompts[0]
             x = (x + tm.embeddings.position_embedding.weight[: len(ids)])[None]
-            x = _layer_by_hand(tm.encoder.layers[0], x)
+            x = block_by_hand(tm.encoder.layers[0], x, causal=True, gelu=quick_gelu)
             x[0, 1 : 1 + n] = pt.prompts[1]
-            x = _layer_by_hand(tm.encoder.layers[1], x)
+            x = block_by_hand(tm.encoder.layers[1], x, causal=True, gelu=quick_gelu)
             eot = F.layer_norm(x[0, -1], (x.shape[-1],), tm.final_layer_norm.weight, tm.final_layer_norm.bias,
                                tm.final_layer_norm.eps)
             want.append(F.normalize(eot @ model.text_projection.weight.T, dim=-1))

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from .backbone import load_backbone
+from .cache import to_json
 from .classifier import ProTextClassifier
 from .errors import ProtextError
 from .images import UnreadableImage, load_pixels
-from .label import LabelReport, Parts, _row, _settings, output_format, write_rows
+from .label import LabelReport, _row, start_job, write_rows
 
 SHARD = 256  # images per shard: the unit of resuming
 
@@ -106,8 +107,6 @@ class Classify:
 
 
 def _encode(row: dict) -> str:
-    from .cache import to_json
-
     return to_json(row, indent=None)
 
 
@@ -125,16 +124,8 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
 
     ray = ray_module()
     output = Path(output)
-    fmt = output_format(output)
-    clf.check_scores(scores)
-    if top_k < 1 or workers < 1 or batch_size < 1:
-        raise ProtextError("--top-k, --workers and --batch-size must be at least 1")
-    if min_prob is not None and not 0 <= min_prob <= 1:
-        raise ProtextError(f"--min-prob must be between 0 and 1, got {min_prob}")
-    names = [str(p) for p in paths]
-    if not names:
-        raise ProtextError("no images to label")
-    parts = Parts(output, _settings(clf, top_k, min_prob, scores))
+    fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
+                                  {"--workers": workers, "--batch-size": batch_size})
     unique = list(dict.fromkeys(names))  # a path given twice is labelled once and written twice
     shards = {i: unique[start : start + SHARD] for i, start in enumerate(range(0, len(unique), SHARD))}
     todo = {i: shard for i, shard in shards.items() if not parts.has_shard(i)}

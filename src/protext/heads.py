@@ -148,6 +148,7 @@ class Heads:
         self.descriptions = {normalize_name(k): list(v) for k, v in (descriptions or {}).items()}
         self.descriptors = {normalize_name(k): list(v) for k, v in (descriptors or {}).items()}
         self._memo: dict[tuple, torch.Tensor] = {}
+        self._waffle_memo: dict[tuple, list[str]] = {}
         self.fallbacks: dict[tuple, list[str]] = {}
 
     def waffle_descriptors(self, classes: Sequence[str]) -> list[str]:
@@ -156,9 +157,13 @@ class Heads:
         Words come from the backbone's own vocabulary; characters from the descriptors or
         descriptions given, as WaffleCLIP draws them from its descriptor files, else from those words.
         """
-        vocabulary = word_vocabulary(self.backbone.text.tokenizer)
-        source = [s for v in (self.descriptors or self.descriptions).values() for s in v] or vocabulary
-        return waffle_descriptors(classes, vocabulary, characters_of(source), self.waffle.count, self.waffle.seed)
+        key = tuple(classes)
+        if key not in self._waffle_memo:  # the head asks once per class; the tokenizer's vocabulary is large
+            vocabulary = word_vocabulary(self.backbone.text.tokenizer)
+            source = [s for v in (self.descriptors or self.descriptions).values() for s in v] or vocabulary
+            self._waffle_memo[key] = waffle_descriptors(classes, vocabulary, characters_of(source), self.waffle.count,
+                                                        self.waffle.seed)
+        return self._waffle_memo[key]
 
     def sentences_of(self, head: str, classes: Sequence[str], dataset: str | None = None) -> list[str]:
         """Every sentence a text head encodes for `classes` (none for the prompt head)."""

@@ -185,15 +185,16 @@ class Parts:
                 self.next = max(self.next, int(part.stem.split("-")[1]) + 1)
 
     def write(self, rows: list[dict]) -> None:
-        text = "".join(to_json(r, indent=None) + "\n" for r in rows)
-        atomic_write_bytes(self.folder / f"part-{self.next:06d}.jsonl", text.encode())
+        self._save(f"part-{self.next:06d}.jsonl", rows)
         self.next += 1
-        self.rows.update((r["path"], r) for r in rows)
 
     def write_shard(self, index: int, rows: list[dict]) -> None:
-        """One shard of a distributed run (`distributed.py`), named by its place in the input, atomically."""
+        """One shard of a distributed run (`distributed.py`), named by its place in the input."""
+        self._save(f"shard-{index:06d}.jsonl", rows)
+
+    def _save(self, name: str, rows: list[dict]) -> None:
         text = "".join(to_json(r, indent=None) + "\n" for r in rows)
-        atomic_write_bytes(self.folder / f"shard-{index:06d}.jsonl", text.encode())
+        atomic_write_bytes(self.folder / name, text.encode())
         self.rows.update((r["path"], r) for r in rows)
 
     def has_shard(self, index: int) -> bool:
@@ -201,6 +202,27 @@ class Parts:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_job(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int,
+              min_prob: float | None, scores: str, counts: dict[str, int]) -> tuple[str, list[str], Parts]:
+    """Check a labelling job's arguments before any image is read (`counts`: flag -> value, each at
+    least 1), and open its parts folder; returns the output format, the paths as strings and the parts.
+    The single-machine and the Ray paths both start here."""
+    fmt = output_format(output)
+    clf.check_scores(scores)
+    for name, value in {"--top-k": top_k, **counts}.items():
+        if value < 1:
+            raise ProtextError(f"{name} must be at least 1, got {value}")
+    if min_prob is not None:
+        if not 0 <= min_prob <= 1:
+            raise ProtextError(f"--min-prob must be between 0 and 1, got {min_prob}")
+        if UNKNOWN in {normalize_name(c) for c in clf.classes}:
+            raise ProtextError(f"a class is named '{UNKNOWN}', the label --min-prob gives uncertain images; rename it")
+    names = [str(p) for p in paths]
+    if not names:
+        raise ProtextError("no images to label")
+    return fmt, names, Parts(output, _settings(clf, top_k, min_prob, scores))
 
 
 def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
@@ -214,21 +236,8 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
     from tqdm.auto import tqdm
 
     output = Path(output)
-    fmt = output_format(output)
-    clf.check_scores(scores)
-    for name, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--chunk", chunk),
-                        ("--workers", workers or 1)):
-        if value < 1:
-            raise ProtextError(f"{name} must be at least 1, got {value}")
-    if min_prob is not None:
-        if not 0 <= min_prob <= 1:
-            raise ProtextError(f"--min-prob must be between 0 and 1, got {min_prob}")
-        if UNKNOWN in {normalize_name(c) for c in clf.classes}:
-            raise ProtextError(f"a class is named '{UNKNOWN}', the label --min-prob gives uncertain images; rename it")
-    names = [str(p) for p in paths]
-    if not names:
-        raise ProtextError("no images to label")
-    parts = Parts(output, _settings(clf, top_k, min_prob, scores))
+    fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
+                                  {"--batch-size": batch_size, "--chunk": chunk, "--workers": workers or 1})
     todo = [Path(n) for n in names if n not in parts.rows]
     reused = len(names) - len(todo)
     workers = workers or min(8, os.cpu_count() or 1)
