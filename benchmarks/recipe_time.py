@@ -12,7 +12,7 @@ and projects the recipe: distinct descriptions / texts per second + 10 x steps p
 seconds per step. It also prints the achieved GFLOP/s of encoding and of a step (matrix
 products of the text tower: 24·width² multiply-adds-times-two per token and layer, plus the
 attention products; a step runs the forward and the activation gradients, about twice the
-forward, on the batch's distinct classes) beside the machine's peak (cores x 32 fp32
+forward, on the batch's distinct classes, in the length groups the step runs) beside the machine's peak (cores x 32 fp32
 FLOP per cycle x clock: two 8-lane FMA pipes, AVX2 or AVX-512 on two 256-bit halves).
 
     python benchmarks/recipe_time.py [--encode-texts 512] [--steps 3] [--classes-per-batch 8]
@@ -57,6 +57,7 @@ def main() -> None:
 
     from protext.descriptions import load_descriptions, pairs
     from protext.model import ProText
+    from protext.text_encoder import length_groups
     from protext.train import TrainConfig, batch_loss, epoch_order
 
     data = load_descriptions(IMAGENET_DESCRIPTIONS)
@@ -97,9 +98,11 @@ def main() -> None:
             opt.step()
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
-                uniq = torch.unique(cls_t[idx]).tolist()
-                longest = max(len(tokens[c]) for c in uniq)
-                flops += 2 * forward_flops([longest] * len(uniq), width, layers)
+                lens = [len(tokens[c]) for c in torch.unique(cls_t[idx]).tolist()]
+                groups = length_groups(lens) if text.cuts_padding else [list(range(len(lens)))]
+                computed = [max(lens[k] for k in g) for g in groups for _ in g]  # each group padded to its longest
+                flops += 2 * forward_flops(computed, width, layers)
+                uniq = lens
                 distinct.append(len(uniq))
         step = sum(times) / len(times)
         total = encode_seconds + EPOCHS * steps_per_epoch * step

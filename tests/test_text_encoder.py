@@ -7,7 +7,7 @@ from support import CUPL, block_by_hand, quick_gelu
 from protext.backbone import from_model
 from protext.descriptions import load_descriptions
 from protext.model import ProText
-from protext.text_encoder import clip_clean, pad
+from protext.text_encoder import clip_clean, length_groups, pad
 from protext.tiny import _build
 
 NAMES = ["cat", "tench", "great white shark", "Annual Crop Land"]
@@ -74,6 +74,47 @@ def test_cutting_to_longest_sequence_changes_nothing(tiny):
         cut = pt(pad(lists, tiny.text.pad_id))
         full = pt(pad(lists, tiny.text.pad_id, length=77))
     assert torch.allclose(cut, full, atol=1e-6)
+
+
+def test_length_groups_are_the_cheapest_split_into_neighbouring_lengths():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for trial in range(30):
+        lengths = [rng.randint(3, 12) for _ in range(rng.randint(1, 14))]
+        overhead = rng.choice([0, 3, 20])
+        groups = length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        spans = [(min(lengths[i] for i in g), max(lengths[i] for i in g)) for g in groups]
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # neighbouring lengths, shortest first
+
+        def cost(gs):
+            return sum(len(g) * max(lengths[i] for i in g) + overhead for g in gs)
+
+        # every split of the sorted distinct lengths into runs, by brute force
+        distinct = sorted(set(lengths))
+        best = min(cost([[i for i in range(len(lengths)) if distinct[a] <= lengths[i] <= distinct[b - 1]]
+                         for a, b in zip((0, *cuts), (*cuts, len(distinct)))])
+                   for k in range(len(distinct)) for cuts in itertools.combinations(range(1, len(distinct)), k))
+        assert cost(groups) == best
+
+
+def test_length_grouped_step_gives_the_features_and_gradients_of_one_padded_batch(tiny):
+    names = NAMES + ["a very long and winding class name with many words in it", "x"]
+    pt = ProText.create(tiny, n_ctx=4, depth=2, seed=1)
+    lists = pt.class_token_lists(names)
+    assert len(length_groups([len(s) for s in lists])) > 1
+    target = torch.randn(len(names), tiny.text.feature_dim)
+    grads = []
+    for run in (lambda: tiny.text.forward_lists(lists, pt.prompts), lambda: pt(pad(lists, tiny.text.pad_id))):
+        pt.prompts.grad = None
+        feats = run()
+        ((feats - target) ** 2).sum().backward()
+        grads.append((feats.detach(), pt.prompts.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5), (grads[0][1] - grads[1][1]).abs().max()
+    assert grads[0][1].abs().sum() > 0
 
 
 def test_bert_tower_matches_mean_pooled_transformers_output():

@@ -185,11 +185,10 @@ def epoch_order(classes: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Te
 
 def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: torch.Tensor,
                targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Loss of one batch: each distinct class encoded once, cut to the batch's longest sequence where
-    that is exact (`TextTower.batch`: CLIP and BERT, not SigLIP)."""
+    """Loss of one batch: each distinct class encoded once, in groups of similar token length where
+    cutting padding is exact (`TextTower.forward_lists`: CLIP and BERT, not SigLIP)."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
-    tokens = model.backbone.text.batch([class_tokens[i] for i in uniq.tolist()])
-    feats = model(tokens)
+    feats = model.backbone.text.forward_lists([class_tokens[i] for i in uniq.tolist()], model.prompts)
     return loss_fn(cfg, feats[inverse.to(feats.device)], targets)
 
 
