@@ -1,4 +1,4 @@
-"""`label --engine ray` on a local Ray instance the tests start (2 CPUs, loopback only)."""
+"""`label --engine ray` and `features --engine ray` on a local Ray instance the tests start (2 CPUs, loopback only)."""
 
 import json
 import os
@@ -9,10 +9,14 @@ import sys
 import time
 
 import pytest
+import torch
 from support import ROOT, SHARED
 
+import protext.feature_folder as feature_folder
 from protext.classifier import ProTextClassifier
-from protext.distributed import Classify, label_on_ray
+from protext.cli import main
+from protext.distributed import Classify, features_on_ray, label_on_ray
+from protext.feature_folder import read_features, write_features
 from protext.label import collect, label
 
 ray = pytest.importorskip("ray")
@@ -122,3 +126,41 @@ def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folde
     report = json.loads(done.stdout)
     assert report["reused"] == len(written) and report["labelled"] == len(paths) - len(written)
     assert len(rows(out)) == len(paths)
+
+
+def test_ray_features_are_the_single_machine_parts(cluster, clf, tmp_path):
+    paths = images(tmp_path)
+    backbone = clf.backbone
+    write_features(backbone, paths, tmp_path / "one", batch_size=8, chunk=32, show_progress=False)
+    report = features_on_ray(backbone, paths, tmp_path / "ray", chunk=32, workers=2, batch_size=8, show_progress=False)
+    assert (report.computed, report.reused, len(report.unreadable)) == (len(paths), 0, 1)
+    a, b = read_features(tmp_path / "one"), read_features(tmp_path / "ray")
+    assert a.paths == b.paths == [str(p) for p in paths] and a.errors == b.errors
+    assert torch.allclose(a.feats, b.feats, atol=1e-5) and b.feats[:-1].norm(dim=-1).min() > 0.999
+    assert sorted(f.name for f in (tmp_path / "ray").iterdir()) == sorted(f.name for f in (tmp_path / "one").iterdir())
+
+
+def test_ray_finishes_a_folder_an_interrupted_run_left_computing_only_the_missing_parts(cluster, clf, tmp_path,
+                                                                                      monkeypatch):
+    paths = images(tmp_path, 50)
+    real_write, written = feature_folder.FeatureFolder.write, []
+
+    def dies_after_two_parts(self, part, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(part)
+        real_write(self, part, *args)
+
+    monkeypatch.setattr(feature_folder.FeatureFolder, "write", dies_after_two_parts)
+    cmd = ["features", *map(str, paths), "--out", str(tmp_path / "f"), "--backbone", clf.backbone.name, "--chunk", "8",
+           "--no-progress"]
+    assert main(cmd) == 130  # interrupted
+    monkeypatch.setattr(feature_folder.FeatureFolder, "write", real_write)
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "f").glob("part-*.parquet")}
+    assert len(before) == 2
+    assert main(cmd + ["--engine", "ray", "--workers", "1", "--batch-size", "4"]) == 0
+    after = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "f").glob("part-*.parquet")}
+    assert len(after) == 7 and all(after[n] == t for n, t in before.items())  # the finished parts were kept
+    write_features(clf.backbone, paths, tmp_path / "g", chunk=8, show_progress=False)
+    a, b = read_features(tmp_path / "f"), read_features(tmp_path / "g")
+    assert a.paths == b.paths and a.errors == b.errors and torch.allclose(a.feats, b.feats, atol=1e-5)

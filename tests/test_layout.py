@@ -6,7 +6,7 @@ from support import ROOT
 
 PACKAGE = ROOT / "src" / "protext"
 INFERENCE = {"classifier", "heads", "baselines", "features", "model", "backbone", "text_encoder", "images", "metrics",
-             "serve", "api", "label", "distributed", "export"}
+             "serve", "api", "label", "distributed", "export", "feature_folder"}
 TRAINING = {"train", "benchmark", "text_eval", "describe", "cli"}
 
 

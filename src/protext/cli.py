@@ -11,6 +11,9 @@ from .cache import to_json
 from .errors import ProtextError
 from .presets import PRESETS
 
+PATHS_HELP = ("image files, folders (searched recursively), .csv files listing paths (a 'path' column, else the first; "
+              "relative to the CSV), or URIs such as s3://bucket/key.jpg (read with pyarrow's filesystems)")
+
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     from .backbone import DEFAULT_BACKBONE
@@ -491,9 +494,10 @@ def _label_parser(sub) -> None:
                                    "runs in threads beside the model; rows are saved in chunks, so a rerun of the same "
                                    "command after an interruption labels only the images not yet written. Unreadable "
                                    "files are rows with an error, listed at the end, never fatal.")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="image files, folders (searched recursively) or .csv files listing paths (a 'path' column, "
-                        "else the first; relative to the CSV)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help=PATHS_HELP)
+    p.add_argument("--features", type=Path, default=None, metavar="DIR",
+                   help="label the image features stored in this folder by 'protext features' instead of images "
+                        "(no image is read; the backbone must be the one that made them)")
     p.add_argument("--classes", required=True, help="label set: a file (one per line) or a,b,c")
     p.add_argument("--output", type=Path, required=True,
                    help=f"the file to write, its format from its suffix: {', '.join(FORMATS)}; finished chunks are kept "
@@ -509,34 +513,90 @@ def _label_parser(sub) -> None:
                                                                  "with --engine ray, classifying actors (default: 2)")
     p.add_argument("--chunk", type=int, default=512, help="images per saved chunk (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
-    g.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this process; ray: decode in Ray tasks and classify in a pool of Ray actors, each "
-                        "loading the image tower once (default: %(default)s)")
-    g.add_argument("--address", default=None,
-                   help="ray: the cluster, 'auto' or ray://HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
-    g.add_argument("--num-gpus-per-worker", type=float, default=0, help="ray: GPUs per classifying actor (default: 0)")
+    _add_ray_args(p, "classify")
     _add_classifier_args(p)
     p.set_defaults(run=_run_label)
 
 
 def _run_label(args: argparse.Namespace) -> None:
     from .descriptions import read_class_list
-    from .label import collect, label, output_format
+    from .label import collect, label, label_features, output_format
 
     output_format(args.output)
     classes = read_class_list(args.classes)
-    paths = collect(args.paths)
-    if args.engine == "ray":
+    if args.features is not None:
+        if args.paths or args.engine != "local":
+            raise ProtextError("--features labels stored features: give no image PATHs and no --engine ray")
+        from .feature_folder import read_features
+
+        stored = read_features(args.features)
+        if args.backbone is None:
+            args.backbone, args.revision = stored.info["backbone"], stored.info["revision"]
+        report = label_features(_classifier(args, classes), stored, args.output, args.top_k, args.min_prob,
+                                args.scores, not args.no_progress)
+    elif not args.paths:
+        raise ProtextError("give the images to label (PATH ...), or --features DIR")
+    elif args.engine == "ray":
         from .distributed import label_on_ray, ray_module
 
         ray_module()  # before any model is loaded: says how to install Ray when it is missing
-        report = label_on_ray(_classifier(args, classes), paths, args.output, args.top_k, args.min_prob, args.scores,
+        report = label_on_ray(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob, args.scores,
                               args.address, args.workers or 2, args.num_gpus_per_worker, args.batch_size,
                               not args.no_progress)
     else:
-        report = label(_classifier(args, classes), paths, args.output, args.top_k, args.min_prob, args.scores,
-                       args.batch_size, args.workers, args.chunk, not args.no_progress)
+        report = label(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob,
+                       args.scores, args.batch_size, args.workers, args.chunk, not args.no_progress)
+    for name, reason in report.unreadable:
+        print(f"unreadable {name}: {reason}", file=sys.stderr)
+    print(to_json(report.as_dict(), indent=None))
+    if len(report.unreadable) == report.images:
+        raise ProtextError(f"none of the {report.images} images could be read (see 'unreadable' above)")
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help=f"local: this process; ray: decode in Ray tasks and {what} in a pool of Ray actors, each "
+                        f"loading the image tower once (default: %(default)s)")
+    g.add_argument("--address", default=None,
+                   help="ray: the cluster, 'auto' or ray://HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
+    g.add_argument("--num-gpus-per-worker", type=float, default=0, help="ray: GPUs per actor (default: 0)")
+
+
+def _features_parser(sub) -> None:
+    p = sub.add_parser("features", help="compute the image features of many images into a folder of Parquet parts",
+                       description="Run the image tower once over folders (recursive), files, CSV lists of paths and "
+                                   "URIs, into --out: part-NNNNNN.parquet files (path, feature, error; one per "
+                                   "--chunk images, in input order) and features.json when finished. A rerun of the "
+                                   "same command after an interruption computes only the missing parts. Label them "
+                                   "later with 'protext label --features DIR', with any label set.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
+    p.add_argument("--out", type=Path, required=True, help="folder to write the parts into")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
+                                                                 "with --engine ray, actors (default: 2)")
+    p.add_argument("--chunk", type=int, default=1024, help="images per part file (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_ray_args(p, "run the image tower")
+    _add_backbone_args(p)
+    p.set_defaults(run=_run_features)
+
+
+def _run_features(args: argparse.Namespace) -> None:
+    from .feature_folder import pyarrow_modules, write_features
+    from .label import collect
+
+    pyarrow_modules()
+    paths = collect(args.paths)
+    if args.engine == "ray":
+        from .distributed import features_on_ray, ray_module
+
+        ray_module()
+        report = features_on_ray(_backbone(args), paths, args.out, args.chunk, args.address, args.workers or 2,
+                                 args.num_gpus_per_worker, args.batch_size, not args.no_progress)
+    else:
+        report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.chunk,
+                                not args.no_progress)
     for name, reason in report.unreadable:
         print(f"unreadable {name}: {reason}", file=sys.stderr)
     print(to_json(report.as_dict(), indent=None))
@@ -587,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     _descriptions_parser(sub)
     _serve_parser(sub)
     _label_parser(sub)
+    _features_parser(sub)
     _export_parser(sub)
     return parser
 

@@ -19,10 +19,13 @@ losing every other result.
 
 from __future__ import annotations
 
+import io
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -126,9 +129,26 @@ def _naflex_patches(image: Image.Image, spec: NaFlex, mean: Sequence[float], std
     return out
 
 
+def is_uri(path: str | Path) -> bool:
+    """s3://..., gs://..., file://...: read through pyarrow's filesystems, not as a local path."""
+    return isinstance(path, str) and "://" in path
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file (so truncated files fail here, not later)."""
-    with Image.open(path) as im:
+    """Open and fully decode an image file (so truncated files fail here, not later).
+
+    A URI is read with pyarrow's filesystems (S3, GCS, HDFS, ... when pyarrow and the
+    filesystem's packages and credentials are present), so a cluster can label a bucket."""
+    source = path
+    if is_uri(path):
+        try:
+            from pyarrow import fs
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs pyarrow: pip install 'protext[parquet]'") from e
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        with filesystem.open_input_file(inner) as f:
+            source = io.BytesIO(f.read())
+    with Image.open(source) as im:
         im.load()
         return im.copy()
 
@@ -145,6 +165,33 @@ def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[floa
         return preprocess(open_image(image) if isinstance(image, (str, Path)) else image, size, mean, std)
     except Exception as e:
         raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
+
+
+def decode_ahead(paths: Sequence[str | Path], size: Size, mean: Sequence[float], std: Sequence[float],
+                 workers: int, window: int) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """(index, pixels or the reason the image is unreadable), in order, decoded in `workers`
+    threads at most `window` images ahead: decoding overlaps the model (PIL and torch release
+    the GIL) and memory stays flat however many paths there are."""
+
+    def decode(path: str | Path) -> torch.Tensor | str:
+        try:
+            return load_pixels(path, size, mean, std)
+        except UnreadableImage as e:
+            return str(e)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="protext-decode") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        upcoming = iter(enumerate(paths))
+        for i, path in upcoming:
+            pending.append((i, pool.submit(decode, path)))
+            if len(pending) >= window:
+                break
+        while pending:
+            i, future = pending.popleft()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append((nxt[0], pool.submit(decode, nxt[1])))
+            yield i, future.result()
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -25,11 +25,9 @@ import json
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -37,7 +35,10 @@ from .cache import atomic_write_bytes, atomic_write_json, to_json
 from .classifier import ProTextClassifier
 from .descriptions import normalize_name
 from .errors import ProtextError
-from .images import UnreadableImage, list_images, load_pixels
+from .images import decode_ahead, is_uri, list_images
+
+if TYPE_CHECKING:
+    from .feature_folder import StoredFeatures
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 UNKNOWN = "unknown"
@@ -72,15 +73,20 @@ def output_format(output: Path) -> str:
     return suffix
 
 
-def collect(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image paths from folders (recursive), files, and CSV files listing paths.
+def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
+    """Image paths from folders (recursive), files, CSV files listing paths, and URIs.
 
     A CSV's paths are its `path` column when a header row names one, else its first column;
-    relative paths are relative to the CSV. Paths appear once, in the order first given. A
-    path that does not exist is kept: it is reported as unreadable, like any other bad file.
+    relative paths are relative to the CSV. A URI (s3://bucket/key.jpg, in the arguments or a
+    CSV) stays a string, read later through pyarrow (`images.open_image`). Paths appear once,
+    in the order first given. A path that does not exist is kept: it is reported as
+    unreadable, like any other bad file.
     """
-    paths: list[Path] = []
+    paths: list[str | Path] = []
     for item in inputs:
+        if is_uri(str(item)):
+            paths.append(str(item))
+            continue
         item = Path(item)
         if item.is_dir():
             found = list_images(item)
@@ -94,7 +100,7 @@ def collect(inputs: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _csv_paths(path: Path) -> list[Path]:
+def _csv_paths(path: Path) -> list[str | Path]:
     if not path.is_file():
         raise ProtextError(f"{path}: no such CSV file (expected a list of image paths)")
     try:
@@ -108,7 +114,7 @@ def _csv_paths(path: Path) -> list[Path]:
     bad = [i for i, row in enumerate(rows) if len(row) <= column or not row[column].strip()]
     if bad:
         raise ProtextError(f"{path}: row {bad[0] + 1} of the data has no path in column {column + 1}")
-    return [path.parent / row[column].strip() for row in rows]
+    return [row[column].strip() if is_uri(row[column].strip()) else path.parent / row[column].strip() for row in rows]
 
 
 def _settings(clf: ProTextClassifier, top_k: int, min_prob: float | None, scores: str) -> dict:
@@ -130,32 +136,6 @@ def _row(path: str, probs: torch.Tensor | None, classes: Sequence[str], top_k: i
     label = UNKNOWN if min_prob is not None and top_probs[0] < min_prob else top_labels[0]
     return {"path": path, "label": label, "prob": top_probs[0], "top_labels": top_labels, "top_probs": top_probs,
             "error": None}
-
-
-def _decoded(paths: Sequence[Path], clf: ProTextClassifier, workers: int, window: int
-             ) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """(index, pixels or the reason it is unreadable), in order, decoded at most `window` images ahead."""
-    tower = clf.backbone.image
-
-    def decode(path: Path) -> torch.Tensor | str:
-        try:
-            return load_pixels(path, tower.image_size, tower.mean, tower.std)
-        except UnreadableImage as e:
-            return str(e)
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="protext-decode") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        upcoming = iter(enumerate(paths))
-        for i, path in upcoming:
-            pending.append((i, pool.submit(decode, path)))
-            if len(pending) >= window:
-                break
-        while pending:
-            i, future = pending.popleft()
-            nxt = next(upcoming, None)
-            if nxt is not None:
-                pending.append((nxt[0], pool.submit(decode, nxt[1])))
-            yield i, future.result()
 
 
 class Parts:
@@ -205,10 +185,11 @@ class Parts:
 
 
 def start_job(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int,
-              min_prob: float | None, scores: str, counts: dict[str, int]) -> tuple[str, list[str], Parts]:
+              min_prob: float | None, scores: str, counts: dict[str, int],
+              resume: bool = True) -> tuple[str, list[str], Parts | None]:
     """Check a labelling job's arguments before any image is read (`counts`: flag -> value, each at
-    least 1), and open its parts folder; returns the output format, the paths as strings and the parts.
-    The single-machine and the Ray paths both start here."""
+    least 1), and open its parts folder (with `resume`); returns the output format, the paths as
+    strings and the parts. The single-machine, Ray and stored-features paths all start here."""
     fmt = output_format(output)
     clf.check_scores(scores)
     for name, value in {"--top-k": top_k, **counts}.items():
@@ -222,7 +203,7 @@ def start_job(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path,
     names = [str(p) for p in paths]
     if not names:
         raise ProtextError("no images to label")
-    return fmt, names, Parts(output, _settings(clf, top_k, min_prob, scores))
+    return fmt, names, Parts(output, _settings(clf, top_k, min_prob, scores)) if resume else None
 
 
 def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
@@ -238,7 +219,7 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
     output = Path(output)
     fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
                                   {"--batch-size": batch_size, "--chunk": chunk, "--workers": workers or 1})
-    todo = [Path(n) for n in names if n not in parts.rows]
+    todo = [n for n in names if n not in parts.rows]
     reused = len(names) - len(todo)
     workers = workers or min(8, os.cpu_count() or 1)
     tower, device = clf.backbone.image, clf.backbone.device
@@ -254,7 +235,8 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
         batch.clear()
 
     with tqdm(total=len(todo), desc="labelling", unit="img", disable=not show_progress or not todo) as bar:
-        for i, result in _decoded(todo, clf, workers, window=2 * batch_size + workers):
+        for i, result in decode_ahead(todo, tower.image_size, tower.mean, tower.std, workers,
+                                      window=2 * batch_size + workers):
             if isinstance(result, str):
                 rows.append(_row(str(todo[i]), None, clf.classes, top_k, min_prob, error=result))
             else:
@@ -274,6 +256,32 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
     parts.remove()
     return LabelReport(output, len(names), len(todo), reused,
                        [(r["path"], r["error"]) for r in final if r["error"] is not None], seconds)
+
+
+def label_features(clf: ProTextClassifier, stored: "StoredFeatures", output: Path, top_k: int = 3,
+                   min_prob: float | None = None, scores: str = "softmax", show_progress: bool = True,
+                   chunk: int = 4096) -> LabelReport:
+    """Label image features stored by `protext features` (`feature_folder.read_features`) into
+    `output`: the rows `label` gives for the same images, without reading an image. Scored
+    `chunk` images at a time, so memory stays at chunk x classes however many there are; a
+    run is minutes even for millions of images, so it is not resumed but redone."""
+    from tqdm.auto import tqdm
+
+    stored.check(clf.backbone)
+    output = Path(output)
+    fmt, names, _ = start_job(clf, stored.paths, output, top_k, min_prob, scores, {"--chunk": chunk}, resume=False)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    with tqdm(total=len(names), desc="labelling features", unit="img", disable=not show_progress) as bar:
+        for begin in range(0, len(names), chunk):
+            span = range(begin, min(len(names), begin + chunk))
+            probs = clf.probabilities(stored.feats[begin : span.stop], scores)
+            rows += [_row(names[i], None if stored.errors[i] else probs[i - begin], clf.classes, top_k, min_prob,
+                          stored.errors[i]) for i in span]
+            bar.update(len(span))
+    write_rows(rows, output, fmt, top_k)
+    return LabelReport(output, len(names), len(names), 0,
+                       [(r["path"], r["error"]) for r in rows if r["error"] is not None], time.perf_counter() - start)
 
 
 def write_rows(rows: list[dict], output: Path, fmt: str, top_k: int) -> None:

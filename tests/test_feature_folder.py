@@ -1,0 +1,140 @@
+"""`protext features`: a folder of Parquet parts, resumed after a failure, labelled later with `label --features`."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from support import SHARED
+
+import protext.feature_folder as feature_folder
+from protext.backbone import load_backbone
+from protext.classifier import ProTextClassifier
+from protext.cli import main
+from protext.errors import ProtextError
+from protext.feature_folder import read_features, write_features
+from protext.images import load_pixels
+from protext.label import collect, label
+
+CLASSES = ["airplane", "cat", "frog", "ship"]
+CIFAR = SHARED / "images" / "cifar10_test_sample"
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_folder):
+    return load_backbone(str(tiny_folder), device="cpu")
+
+
+@pytest.fixture
+def paths(tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    found = collect([CIFAR])[:37]
+    return found[:10] + [broken] + found[10:] + [tmp_path / "missing.png"]
+
+
+def tower_features(backbone, paths):
+    tower = backbone.image
+    return tower(torch.stack([load_pixels(p, tower.image_size, tower.mean, tower.std) for p in paths]))
+
+
+def test_features_are_the_image_towers_in_parquet_parts_of_chunk_images(backbone, paths, tmp_path):
+    report = write_features(backbone, paths, tmp_path / "f", batch_size=8, chunk=16, show_progress=False)
+    assert (report.images, report.computed, report.reused) == (len(paths), len(paths), 0)
+    assert [p for p, _ in report.unreadable] == [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]
+    parts = sorted((tmp_path / "f").glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    table = pq.read_table(parts[0])
+    assert table.column_names == ["path", "feature", "error"] and table.num_rows == 16
+    assert table.schema.field("feature").type.list_size == backbone.text.feature_dim
+
+    stored = read_features(tmp_path / "f")
+    assert stored.paths == [str(p) for p in paths]
+    good = [i for i, e in enumerate(stored.errors) if e is None]
+    assert len(good) == len(paths) - 2 and stored.errors[10].startswith("UnidentifiedImageError")
+    want = tower_features(backbone, [paths[i] for i in good])
+    assert torch.allclose(stored.feats[good], want, atol=1e-5)
+    assert stored.feats[10].abs().sum() == 0 and stored.feats[good].norm(dim=-1).sub(1).abs().max() < 1e-5
+    assert json.loads((tmp_path / "f" / "features.json").read_text())["unreadable"] == 2
+
+
+def test_a_rerun_after_a_failure_computes_only_the_missing_parts(backbone, paths, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_write = feature_folder.FeatureFolder.write
+
+    def dies_after_two_parts(self, *args):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the machine went away mid-run
+        calls["n"] += 1
+        real_write(self, *args)
+
+    monkeypatch.setattr(feature_folder.FeatureFolder, "write", dies_after_two_parts)
+    with pytest.raises(KeyboardInterrupt):
+        write_features(backbone, paths, tmp_path / "f", chunk=10, show_progress=False)
+    assert len(list((tmp_path / "f").glob("part-*.parquet"))) == 2 and not (tmp_path / "f" / "features.json").exists()
+    with pytest.raises(ProtextError, match="unfinished"):
+        read_features(tmp_path / "f")
+    monkeypatch.setattr(feature_folder.FeatureFolder, "write", real_write)
+    report = write_features(backbone, paths, tmp_path / "f", chunk=10, show_progress=False)
+    assert (report.computed, report.reused) == (len(paths) - 20, 20)
+    whole = write_features(backbone, paths, tmp_path / "g", chunk=10, show_progress=False)
+    assert whole.computed == len(paths)
+    a, b = read_features(tmp_path / "f"), read_features(tmp_path / "g")
+    assert a.paths == b.paths and a.errors == b.errors and torch.equal(a.feats, b.feats)
+
+
+def test_other_settings_or_inputs_are_refused_before_any_image_is_read(backbone, paths, tmp_path):
+    write_features(backbone, paths[:5], tmp_path / "f", chunk=4, show_progress=False)
+    with pytest.raises(ProtextError, match="chunk differ"):
+        write_features(backbone, paths[:5], tmp_path / "f", chunk=8, show_progress=False)
+    with pytest.raises(ProtextError, match="images, paths_sha1 differ"):
+        write_features(backbone, paths[:6], tmp_path / "f", chunk=4, show_progress=False)
+    with pytest.raises(ProtextError, match="--chunk must be at least 1"):
+        write_features(backbone, paths, tmp_path / "g", chunk=0, show_progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ProtextError, match="is a file"):
+        write_features(backbone, paths, tmp_path / "file", show_progress=False)
+    with pytest.raises(ProtextError, match="not a feature folder"):
+        read_features(tmp_path)
+
+
+def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tmp_path):
+    local = [p for p in paths[:6] if p.name != "broken.jpg"]
+    uris = [p.resolve().as_uri() for p in local]
+    (tmp_path / "list.csv").write_text("path\n" + "".join(u + "\n" for u in uris))
+    assert collect([tmp_path / "list.csv", uris[0]]) == uris  # kept as URIs, once each
+    write_features(backbone, uris + ["file:///no/such/image.jpg"], tmp_path / "f", show_progress=False)
+    stored = read_features(tmp_path / "f")
+    assert stored.errors[:-1] == [None] * len(uris) and "FileNotFoundError" in stored.errors[-1]
+    assert torch.allclose(stored.feats[:-1], tower_features(backbone, local), atol=1e-5)
+
+
+def test_label_from_stored_features_gives_the_rows_of_label_from_images(prompts_dir, tiny_folder, paths, tmp_path):
+    assert main(["features", *map(str, paths), "--out", str(tmp_path / "f"), "--backbone", str(tiny_folder),
+                 "--chunk", "16", "--no-progress"]) == 0
+    args = ["--prompts", str(prompts_dir), "--classes", ",".join(CLASSES), "--top-k", "2", "--no-progress"]
+    assert main(["label", "--features", str(tmp_path / "f"), "--output", str(tmp_path / "a.jsonl"), *args]) == 0
+    assert main(["label", *map(str, paths), "--output", str(tmp_path / "b.jsonl"), *args]) == 0
+    a, b = ([json.loads(line) for line in (tmp_path / n).read_text().splitlines()] for n in ("a.jsonl", "b.jsonl"))
+    assert [r["path"] for r in a] == [r["path"] for r in b] == [str(p) for p in paths]
+    for x, y in zip(a, b):
+        assert (x["label"], x["top_labels"], x["error"]) == (y["label"], y["top_labels"], y["error"])
+        assert np.allclose(x["top_probs"] or [0], y["top_probs"] or [0], atol=2e-6)
+
+
+def test_label_features_refuses_another_image_tower_and_mixed_inputs(prompts_dir, backbone, paths, tmp_path, capsys):
+    write_features(backbone, paths[:4], tmp_path / "f", show_progress=False)
+    clf = ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path / "c")
+    stored = read_features(tmp_path / "f")
+    stored.info["image_tower"] = "0" * 16  # as if another model had made them
+    from protext.label import label_features
+
+    with pytest.raises(ProtextError, match="other image weights"):
+        label_features(clf, stored, tmp_path / "x.jsonl")
+    code = main(["label", str(paths[0]), "--features", str(tmp_path / "f"), "--classes", "a,b", "--output",
+                 str(tmp_path / "y.jsonl")])
+    assert code == 2 and "give no image PATHs" in capsys.readouterr().err
+    assert main(["label", "--classes", "a,b", "--output", str(tmp_path / "y.jsonl")]) == 2
+    assert "--features DIR" in capsys.readouterr().err
+    label(clf, paths[:2], tmp_path / "z.jsonl", show_progress=False)  # the image path still works beside it
