@@ -1,14 +1,15 @@
-"""`label --engine ray` against the single-process path: images per second, on the same images.
+"""`label` and `features` with `--engine ray` against the single-process path: images per second.
 
 Model: a random CLIP with ViT-B/16's image tower (see measure.vit_b16_clip). Images: the real
-ImageNet sample JPEGs in ../shared/data, repeated to `--images`. Runs the single-process
-`label.label`, then `distributed.label_on_ray` with 1 and 2 classifying actors (each with a
+ImageNet sample JPEGs in ../shared/data, repeated to `--images`. For each job (`--jobs`), runs
+the single-process path (`label.label`, `feature_folder.write_features`), then the Ray path
+(`distributed.label_on_ray`, `distributed.features_on_ray`) with 1 and 2 actors (each with a
 fresh output), on a local Ray instance (or `--address auto` on a real cluster, where
 `--workers` can go up to its nodes). On one 2-core machine Ray can only add overhead (task
 scheduling, the object store, actors that each hold a model); the point of the figure is how
-much. The last line is the ratio of the best Ray figure to the single-process one.
+much. The last lines give the ratio of the best Ray figure to the single-process one, per job.
 
-    python benchmarks/ray_scaling.py [--images 128] [--workers 1,2] [--address auto]
+    python benchmarks/ray_scaling.py [--images 128] [--workers 1,2] [--jobs label,features] [--address auto]
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--address", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--jobs", default="label,features")
     args = ap.parse_args()
 
     import ray
 
     from protext.classifier import ProTextClassifier
     from protext.descriptions import load_descriptions
-    from protext.distributed import label_on_ray
+    from protext.distributed import features_on_ray, label_on_ray
+    from protext.feature_folder import write_features
     from protext.label import label
 
     work = Path(tempfile.mkdtemp(prefix="protext-ray-"))
@@ -49,19 +52,35 @@ def main() -> None:
         paths.append(work / "images" / f"{i:05d}{samples[i % len(samples)].suffix}")
         shutil.copy(samples[i % len(samples)], paths[-1])
     print(f"{args.images} ImageNet JPEGs, ViT-B/16-shaped random CLIP, torch threads {torch.get_num_threads()}")
-    t0 = time.perf_counter()
-    label(clf, paths, work / "single.jsonl", batch_size=args.batch_size, show_progress=False)
-    single = args.images / (time.perf_counter() - t0)
-    print(f"| path | images/s |\n|---|---|\n| single process | {single:.2f} |", flush=True)
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-    best = 0.0
-    for n in map(int, args.workers.split(",")):
+    bs = args.batch_size
+    single = {"label": lambda out: label(clf, paths, out / "labels.jsonl", batch_size=bs, show_progress=False),
+              "features": lambda out: write_features(backbone, paths, out, batch_size=bs, show_progress=False)}
+    on_ray = {"label": lambda out, n: label_on_ray(clf, paths, out / "labels.jsonl", workers=n, batch_size=bs,
+                                                   show_progress=False),
+              "features": lambda out, n: features_on_ray(backbone, paths, out, workers=n, batch_size=bs,
+                                                         show_progress=False)}
+    print("| job | path | images/s |\n|---|---|---|", flush=True)
+    ratios = []
+    for job in args.jobs.split(","):
+        out = work / f"{job}-single"
+        out.mkdir()
         t0 = time.perf_counter()
-        label_on_ray(clf, paths, work / f"ray-{n}.jsonl", workers=n, batch_size=args.batch_size, show_progress=False)
-        rate = args.images / (time.perf_counter() - t0)
-        best = max(best, rate)
-        print(f"| ray, {n} actor(s) (start-up included) | {rate:.2f} |", flush=True)
-    print(f"best ray / single process images per second: {best / single:.2f}")
+        single[job](out)
+        one = args.images / (time.perf_counter() - t0)
+        print(f"| {job} | single process | {one:.2f} |", flush=True)
+        if not ray.is_initialized():
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        best = 0.0
+        for n in map(int, args.workers.split(",")):
+            out = work / f"{job}-ray-{n}"
+            out.mkdir()
+            t0 = time.perf_counter()
+            on_ray[job](out, n)
+            rate = args.images / (time.perf_counter() - t0)
+            best = max(best, rate)
+            print(f"| {job} | ray, {n} actor(s) (start-up included) | {rate:.2f} |", flush=True)
+        ratios.append(f"{job}: best ray / single process images per second: {best / one:.2f}")
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":

@@ -46,25 +46,20 @@ def ray_module():
     return ray
 
 
-class Decode:
+def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float]) -> dict:
     """A Ray Data task: paths -> preprocessed pixels, or the reason an image is unreadable."""
-
-    def __init__(self, size, mean, std):
-        self.size, self.mean, self.std = size, mean, std
-
-    def __call__(self, batch: dict) -> dict:
-        pixels, errors = [], []
-        for path in batch["path"]:
-            try:
-                pixels.append(load_pixels(str(path), self.size, self.mean, self.std).numpy())
-                errors.append("")
-            except UnreadableImage as e:
-                pixels.append(None)
-                errors.append(str(e))
-        shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
-        batch["pixels"] = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
-        batch["error"] = np.array(errors, dtype=object)
-        return batch
+    pixels, errors = [], []
+    for path in batch["path"]:
+        try:
+            pixels.append(load_pixels(str(path), size, mean, std).numpy())
+            errors.append("")
+        except UnreadableImage as e:
+            pixels.append(None)
+            errors.append(str(e))
+    shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
+    batch["pixels"] = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
+    batch["error"] = np.array(errors, dtype=object)
+    return batch
 
 
 class TowerActor:
@@ -132,12 +127,12 @@ def _run(items: list[dict], sizes: dict[int, int], tower, actor: type, actor_arg
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
-    decoded = dataset.map_batches(Decode, fn_constructor_args=(tower.image_size, tower.mean, tower.std),
-                                  batch_size=batch_size, batch_format="numpy", concurrency=workers)
+    decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std},
+                                  batch_size=batch_size, batch_format="numpy")
     # Ray Data restarts a dead actor and retries its batches by default (max_restarts and
     # max_task_retries of -1); a batch's rows reach the driver once, from the try that finished.
     done = decoded.map_batches(actor, fn_constructor_args=actor_args, batch_size=batch_size, batch_format="numpy",
-                               concurrency=workers, num_gpus=num_gpus_per_worker,
+                               compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus_per_worker,
                                **({"runtime_env": runtime_env} if runtime_env else {}))
     pending: dict[int, dict[int, dict]] = defaultdict(dict)
     with tqdm(total=len(items), desc=desc, unit="img", disable=not show_progress) as bar:
