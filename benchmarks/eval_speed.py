@@ -28,9 +28,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2, help="how many times the 100 images are listed")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     args = ap.parse_args()
 
     import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from protext.benchmark import accuracy
     from protext.datasets import Dataset
@@ -41,7 +44,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     backbone = tiny_clip(seed=0, width=512, layers=12, heads=8, projection=512, vision_width=768, vision_layers=12,
-                         vision_heads=12, image_size=224, patch=16)
+                         vision_heads=12, image_size=224, patch=16).to(device)
     files = sorted(IMAGES.iterdir())
     with tempfile.TemporaryDirectory() as tmp:
         # copies, so the cache path cannot benefit from anything cached earlier
@@ -59,10 +62,10 @@ def main() -> None:
         def bare_forward() -> float:
             t0 = time.perf_counter()
             for i in range(0, len(pixels), args.batch_size):
-                tower(torch.stack(pixels[i : i + args.batch_size]))
+                tower(torch.stack(pixels[i : i + args.batch_size]).to(device)).cpu()
             return len(pixels) / (time.perf_counter() - t0)
 
-        tower(torch.stack(pixels[: args.batch_size]))  # warm-up
+        tower(torch.stack(pixels[: args.batch_size]).to(device))  # warm-up
         before = bare_forward()
         t0 = time.perf_counter()
         feats = extract(backbone, dataset, Path(tmp) / "cache", batch_size=args.batch_size, show_progress=False)
@@ -78,13 +81,14 @@ def main() -> None:
     t0 = time.perf_counter()
     weights = heads.get("clip", classes)
     build = time.perf_counter() - t0
-    big = Features(torch.nn.functional.normalize(torch.randn(10_000, weights.shape[1]), dim=-1),
+    big = Features(torch.nn.functional.normalize(torch.randn(10_000, weights.shape[1], device=weights.device), dim=-1),
                    torch.randint(0, 100, (10_000,)), [])
     t0 = time.perf_counter()
     acc = accuracy(big, weights)
     score = time.perf_counter() - t0
 
-    print(f"torch threads: {torch.get_num_threads()}, batch {args.batch_size}, {len(samples)} real JPEGs, "
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    print(f"device: {where} (fp32, as extraction runs), torch threads: {torch.get_num_threads()}, batch {args.batch_size}, {len(samples)} real JPEGs, "
           f"ViT-B/16-shaped random CLIP")
     print("| path | images/s |")
     print("|---|---|")

@@ -12,8 +12,10 @@ and projects the recipe: distinct descriptions / texts per second + 10 x steps p
 seconds per step. It also prints the achieved GFLOP/s of encoding and of a step (matrix
 products of the text tower: 24·width² multiply-adds-times-two per token and layer, plus the
 attention products; a step runs the forward and the activation gradients, about twice the
-forward, on the batch's distinct classes, in the length groups the step runs) beside the machine's peak (cores x 32 fp32
-FLOP per cycle x clock: two 8-lane FMA pipes, AVX2 or AVX-512 on two 256-bit halves).
+forward, on the batch's distinct classes, in the length groups the step runs) beside the machine's nominal peak (cores x 32 fp32
+FLOP per cycle x the clock /proc/cpuinfo reports: two 8-lane FMA pipes, AVX2 or AVX-512 on two
+256-bit halves) and the rate of one large fp32 matrix product measured in the same run, the
+practical ceiling (the reported clock is often the base clock; boost runs faster).
 
     python benchmarks/recipe_time.py [--encode-texts 512] [--steps 3] [--classes-per-batch 8]
 """
@@ -42,6 +44,22 @@ def peak_gflops() -> tuple[float, str]:
     return cores * 32 * mhz / 1000, f"{cores} cores x 32 FLOP/cycle x {mhz / 1000:.2f} GHz"
 
 
+def sgemm_gflops(device: str, n: int = 2048, repeats: int = 20) -> float:
+    """The practical ceiling: GFLOP/s of one large fp32 matrix product on this device (it also
+    shows the real clock: "cpu MHz" is often the base clock, and boost runs faster)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
 def forward_flops(lengths: list[int], width: int, layers: int) -> float:
     """Multiply-adds x 2 of the text tower's matrix products for sequences of these lengths."""
     return sum(2 * layers * (12 * n * width * width + 2 * n * n * width) for n in lengths)
@@ -58,7 +76,7 @@ def main() -> None:
     from protext.descriptions import load_descriptions, pairs
     from protext.model import ProText
     from protext.text_encoder import length_groups
-    from protext.train import TrainConfig, batch_loss, epoch_order
+    from protext.train import TrainConfig, _autocast, batch_loss, epoch_order
 
     data = load_descriptions(IMAGENET_DESCRIPTIONS)
     classes, texts, cls_idx, txt_idx = pairs(data)
@@ -73,10 +91,12 @@ def main() -> None:
     encode_rate = len(sample) / (time.perf_counter() - t0)
     encode_gflops = forward_flops(lengths, width, layers) / len(sample) * encode_rate / 1e9
     encode_seconds = len(texts) / encode_rate
-    peak, how = peak_gflops()
+    peak, how = peak_gflops() if args.device == "cpu" else (float("nan"), "not computed off the CPU")
     steps_per_epoch = math.ceil(len(cls_idx) / 256)
-    print(f"device: {args.device}; {len(texts)} distinct descriptions, {len(cls_idx)} pairs, {steps_per_epoch} steps "
-          f"per epoch, {EPOCHS} epochs; machine peak {peak:.0f} GFLOP/s ({how})")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"device: {where}; {len(texts)} distinct descriptions, {len(cls_idx)} pairs, {steps_per_epoch} steps "
+          f"per epoch, {EPOCHS} epochs; nominal peak {peak:.0f} GFLOP/s ({how}); measured 2048x2048 fp32 matrix "
+          f"product {sgemm_gflops(args.device):.0f} GFLOP/s")
     print(f"one-time encoding: {encode_rate:.1f} texts/s, {encode_gflops:.0f} GFLOP/s -> {encode_seconds / 60:.1f} min")
 
     cls_t = torch.tensor(cls_idx)
@@ -90,12 +110,16 @@ def main() -> None:
         order = epoch_order(cls_t, cfg, 0)
         batches = [order[i * 256 : (i + 1) * 256] for i in range(args.steps + 1)]
         times, flops, distinct = [], 0.0, []
+        autocast, _ = _autocast(cfg, torch.device(args.device))  # bf16 on CUDA, fp32 on the CPU, as `train` runs
         for i, idx in enumerate(batches):
             t0 = time.perf_counter()
-            loss = batch_loss(model, tokens, cls_t[idx], targets[idx], cfg)
+            with autocast:
+                loss = batch_loss(model, tokens, cls_t[idx], targets[idx].to(args.device), cfg)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
                 lens = [len(tokens[c]) for c in torch.unique(cls_t[idx]).tolist()]

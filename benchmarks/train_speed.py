@@ -67,7 +67,7 @@ def child(path: str, steps: int, device: str, shape: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from support import plain_loss
 
-    from protext.train import TrainConfig, batch_loss
+    from protext.train import TrainConfig, _autocast, batch_loss
 
     backbone, model, classes, texts, cls_idx, txt_idx = build(device, shape)
     cfg = TrainConfig(n_ctx=4, depth=9)
@@ -96,8 +96,11 @@ def child(path: str, steps: int, device: str, shape: str) -> dict:
             descs = [texts[txt_idx[i]] for i in b.tolist()]
             return plain_loss(model, names, descs, cfg)
 
+    autocast, _ = _autocast(cfg, torch.device(device))  # bf16 on CUDA, fp32 on the CPU, as `train` runs
+
     def run(b):
-        loss = step(b)
+        with autocast:
+            loss = step(b)
         opt.zero_grad()
         loss.backward()
         opt.step()

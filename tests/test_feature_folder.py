@@ -1,6 +1,7 @@
 """`protext features`: a folder of Parquet parts, resumed after a failure, labelled later with `label --features`."""
 
 import json
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,6 +98,11 @@ def test_other_settings_or_inputs_are_refused_before_any_image_is_read(backbone,
         write_features(backbone, paths, tmp_path / "file", show_progress=False)
     with pytest.raises(ProtextError, match="not a feature folder"):
         read_features(tmp_path)
+    (tmp_path / "spark").mkdir()
+    (tmp_path / "spark" / "part-00000-1a2b.snappy.parquet").write_bytes(b"someone else's data")
+    with pytest.raises(ProtextError, match="did not write"):
+        write_features(backbone, paths, tmp_path / "spark", show_progress=False)
+    assert (tmp_path / "spark" / "part-00000-1a2b.snappy.parquet").read_bytes() == b"someone else's data"
 
 
 def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tmp_path):
@@ -138,3 +144,16 @@ def test_label_features_refuses_another_image_tower_and_mixed_inputs(prompts_dir
     assert main(["label", "--classes", "a,b", "--output", str(tmp_path / "y.jsonl")]) == 2
     assert "--features DIR" in capsys.readouterr().err
     label(clf, paths[:2], tmp_path / "z.jsonl", show_progress=False)  # the image path still works beside it
+
+
+def test_without_ray_or_pyarrow_the_commands_say_what_to_install(monkeypatch, tmp_path, capsys):
+    image = str(collect([CIFAR])[0])
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["label", image, "--classes", "a,b", "--output", str(tmp_path / "x.jsonl"), "--engine", "ray"]) == 2
+    assert "pip install 'protext[ray]'" in capsys.readouterr().err
+    assert main(["features", image, "--out", str(tmp_path / "f"), "--engine", "ray"]) == 2
+    assert "pip install 'protext[ray]'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert main(["features", image, "--out", str(tmp_path / "f")]) == 2
+    assert "pip install 'protext[parquet]'" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()  # refused before anything was written or loaded

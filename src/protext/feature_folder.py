@@ -90,9 +90,10 @@ class FeatureFolder:
             if differ:
                 raise ProtextError(f"{self.out} holds features made with other settings ({', '.join(differ)} differ): "
                                    f"rerun with those, or give another --out")
+        elif any(self.out.glob("part-*.parquet")):
+            raise ProtextError(f"{self.out} holds part-*.parquet files that protext features did not write (no "
+                               f"{SETTINGS_FILE}); give a new or empty --out")
         else:
-            for stale in self.out.glob("part-*.parquet"):  # parts without settings are of unknown origin
-                stale.unlink()
             atomic_write_json(saved, settings)
         self.chunk, self.images = settings["chunk"], settings["images"]
         self.dim = settings["dim"]
