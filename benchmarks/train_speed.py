@@ -114,6 +114,8 @@ def child(path: str, steps: int, device: str, shape: str) -> dict:
         t0 = time.perf_counter()
         for b in batches[1:]:
             run(b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the steps are queued: time them to their end
         seconds = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -126,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast-steps", type=int, default=10)
     ap.add_argument("--plain-steps", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available; bf16 there, as train runs)")
     ap.add_argument("--backbone", choices=sorted(SHAPES), default="clip", help="shape of the random text tower")
     ap.add_argument("--child", choices=["fast", "plain"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -136,6 +138,8 @@ def main() -> None:
         return
     import torch
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     results = {}
     for path in ("fast", "plain"):
         cmd = [sys.executable, __file__, "--child", path, "--fast-steps", str(args.fast_steps),
@@ -145,7 +149,7 @@ def main() -> None:
             sys.exit(out.stderr)
         results[path] = json.loads(out.stdout.strip().splitlines()[-1])
     f, p = results["fast"], results["plain"]
-    print(f"device: {args.device}, torch threads: {torch.get_num_threads()}, batch: {BATCH} pairs, "
+    print(f"device: {where}, torch threads: {torch.get_num_threads()}, batch: {BATCH} pairs, "
           f"{SHAPES[args.backbone][0]}, n_ctx 4, depth 9")
     print(f"one-time target encoding (fast path): {f['targets_encoded']} descriptions in {f['target_encoding_s']:.1f} s")
     print(f"distinct classes per batch: {f['distinct_classes_per_batch']:.1f} of {BATCH}")
