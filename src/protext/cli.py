@@ -15,12 +15,13 @@ PATHS_HELP = ("image files, folders (searched recursively), .csv files listing p
               "relative to the CSV), or URIs such as s3://bucket/key.jpg (read with pyarrow's filesystems)")
 
 
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+def _add_backbone_args(p: argparse.ArgumentParser, with_prompts: bool = True) -> None:
     from .backbone import DEFAULT_BACKBONE
 
     p.add_argument("--backbone", default=None,
                    help=f"Hub id or local folder of a CLIP, SigLIP or BERT-style model (default: the one --prompts were trained "
-                        f"on, else {DEFAULT_BACKBONE}); with --prompts, checked against their weights' fingerprint")
+                        f"on, else {DEFAULT_BACKBONE}); with --prompts, checked against their weights' fingerprint"
+                   if with_prompts else f"Hub id or local folder of a CLIP or SigLIP model (default: {DEFAULT_BACKBONE})")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the backbone")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache for downloads and features (default: $PROTEXT_CACHE or ~/.cache/protext)")
@@ -508,12 +509,7 @@ def _label_parser(sub) -> None:
     p.add_argument("--scores", choices=["softmax", "sigmoid"], default="softmax",
                    help="softmax: probabilities over the label set; sigmoid: each label's own (SigLIP backbones only) "
                         "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
-                                                                 "with --engine ray, classifying actors (default: 2)")
-    p.add_argument("--chunk", type=int, default=512, help="images per saved chunk (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_ray_args(p, "classify")
+    _add_image_job_args(p, 512, "images per saved chunk", "classify")
     _add_classifier_args(p)
     p.set_defaults(run=_run_label)
 
@@ -546,6 +542,12 @@ def _run_label(args: argparse.Namespace) -> None:
     else:
         report = label(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob,
                        args.scores, args.batch_size, args.workers, args.chunk, not args.no_progress)
+    _print_report(report)
+
+
+def _print_report(report) -> None:
+    """A label or features report: unreadable files on stderr, the summary as one JSON line;
+    an error (exit 2) when no image at all could be read."""
     for name, reason in report.unreadable:
         print(f"unreadable {name}: {reason}", file=sys.stderr)
     print(to_json(report.as_dict(), indent=None))
@@ -553,7 +555,14 @@ def _run_label(args: argparse.Namespace) -> None:
         raise ProtextError(f"none of the {report.images} images could be read (see 'unreadable' above)")
 
 
-def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+def _add_image_job_args(p: argparse.ArgumentParser, chunk: int, chunk_help: str, what: str) -> None:
+    """The flags `label` and `features` share: batching, decoding, saved chunks, progress, Ray."""
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
+                                                                 "with --engine ray, image-tower actors (default: 2)")
+    p.add_argument("--chunk", type=int, default=chunk, help=f"{chunk_help}, the unit a rerun resumes from "
+                                                            f"(default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help=f"local: this process; ray: decode in Ray tasks and {what} in a pool of Ray actors, each "
@@ -572,13 +581,8 @@ def _features_parser(sub) -> None:
                                    "later with 'protext label --features DIR', with any label set.")
     p.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
     p.add_argument("--out", type=Path, required=True, help="folder to write the parts into")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
-                                                                 "with --engine ray, actors (default: 2)")
-    p.add_argument("--chunk", type=int, default=1024, help="images per part file (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_ray_args(p, "run the image tower")
-    _add_backbone_args(p)
+    _add_image_job_args(p, 1024, "images per part file", "run the image tower")
+    _add_backbone_args(p, with_prompts=False)
     p.set_defaults(run=_run_features)
 
 
@@ -597,11 +601,7 @@ def _run_features(args: argparse.Namespace) -> None:
     else:
         report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.chunk,
                                 not args.no_progress)
-    for name, reason in report.unreadable:
-        print(f"unreadable {name}: {reason}", file=sys.stderr)
-    print(to_json(report.as_dict(), indent=None))
-    if len(report.unreadable) == report.images:
-        raise ProtextError(f"none of the {report.images} images could be read (see 'unreadable' above)")
+    _print_report(report)
 
 
 def _export_parser(sub) -> None:
