@@ -75,7 +75,6 @@ def main() -> None:
 
     from protext.descriptions import load_descriptions, pairs
     from protext.model import ProText
-    from protext.text_encoder import length_groups
     from protext.train import TrainConfig, _autocast, batch_loss, epoch_order
 
     data = load_descriptions(IMAGENET_DESCRIPTIONS)
@@ -123,7 +122,7 @@ def main() -> None:
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
                 lens = [len(tokens[c]) for c in torch.unique(cls_t[idx]).tolist()]
-                groups = length_groups(lens) if text.cuts_padding else [list(range(len(lens)))]
+                groups = text.step_groups(lens)
                 computed = [max(lens[k] for k in g) for g in groups for _ in g]  # each group padded to its longest
                 flops += 2 * forward_flops(computed, width, layers)
                 uniq = lens

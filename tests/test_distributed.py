@@ -164,3 +164,36 @@ def test_ray_finishes_a_folder_an_interrupted_run_left_computing_only_the_missin
     write_features(clf.backbone, paths, tmp_path / "g", chunk=8, show_progress=False)
     a, b = read_features(tmp_path / "f"), read_features(tmp_path / "g")
     assert a.paths == b.paths and a.errors == b.errors and torch.allclose(a.feats, b.feats, atol=1e-5)
+
+
+def test_a_batch_of_only_unreadable_images_and_relative_paths_work_on_ray(cluster, clf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # after the workers started elsewhere: relative paths must not reach them as such
+    (tmp_path / "imgs").mkdir()
+    for f in collect([CIFAR])[:8]:
+        shutil.copy(f, tmp_path / "imgs" / f.name)
+    (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"not an image")
+    paths = [f"imgs/{f.name}" for f in sorted((tmp_path / "imgs").iterdir())]  # 8 images, then one broken: alone in
+    report = features_on_ray(clf.backbone, paths, "f", chunk=16, workers=1, batch_size=8,  # the second batch
+                             show_progress=False)
+    assert [p for p, _ in report.unreadable] == ["imgs/zz-broken.jpg"]
+    stored = read_features("f")
+    assert stored.paths == paths and stored.feats[:8].norm(dim=-1).min() > 0.999
+    label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=1, batch_size=8, show_progress=False)
+    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
+    same_rows(rows(tmp_path / "one.jsonl"), rows(tmp_path / "ray.jsonl"))
+
+
+def test_a_shard_written_for_another_list_of_images_is_labelled_again(cluster, clf, tmp_path, monkeypatch):
+    import protext.distributed as distributed
+    from protext.label import start_job
+
+    monkeypatch.setattr(distributed, "SHARD", 4)
+    paths = [str(p) for p in collect([CIFAR])[:10]]
+    out = tmp_path / "labels.jsonl"
+    _, _, parts = start_job(clf, paths, out, 3, None, "softmax", {})
+    stale = [{"path": p, "label": "cat", "prob": 1.0, "top_labels": ["cat"], "top_probs": [1.0], "error": None}
+             for p in [str(q) for q in collect([CIFAR])[20:24]]]  # shard 0 of a run over other images
+    parts.write_shard(0, stale)
+    label_on_ray(clf, paths, out, workers=1, batch_size=4, show_progress=False)
+    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
+    same_rows(rows(tmp_path / "one.jsonl"), rows(out))

@@ -57,7 +57,9 @@ def test_features_are_the_image_towers_in_parquet_parts_of_chunk_images(backbone
     want = tower_features(backbone, [paths[i] for i in good])
     assert torch.allclose(stored.feats[good], want, atol=1e-5)
     assert stored.feats[10].abs().sum() == 0 and stored.feats[good].norm(dim=-1).sub(1).abs().max() < 1e-5
-    assert json.loads((tmp_path / "f" / "features.json").read_text())["unreadable"] == 2
+    assert json.loads((tmp_path / "f" / "_summary.json").read_text())["unreadable"] == 2
+    whole = pq.read_table(tmp_path / "f")  # the folder reads as one table: its JSON files are skipped
+    assert whole.column("path").to_pylist() == stored.paths
 
 
 def test_a_rerun_after_a_failure_computes_only_the_missing_parts(backbone, paths, tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_a_rerun_after_a_failure_computes_only_the_missing_parts(backbone, paths
     monkeypatch.setattr(feature_folder.FeatureFolder, "write", dies_after_two_parts)
     with pytest.raises(KeyboardInterrupt):
         write_features(backbone, paths, tmp_path / "f", chunk=10, show_progress=False)
-    assert len(list((tmp_path / "f").glob("part-*.parquet"))) == 2 and not (tmp_path / "f" / "features.json").exists()
+    assert len(list((tmp_path / "f").glob("part-*.parquet"))) == 2 and not (tmp_path / "f" / "_summary.json").exists()
     with pytest.raises(ProtextError, match="unfinished"):
         read_features(tmp_path / "f")
     monkeypatch.setattr(feature_folder.FeatureFolder, "write", real_write)
@@ -89,8 +91,17 @@ def test_other_settings_or_inputs_are_refused_before_any_image_is_read(backbone,
     write_features(backbone, paths[:5], tmp_path / "f", chunk=4, show_progress=False)
     with pytest.raises(ProtextError, match="chunk differ"):
         write_features(backbone, paths[:5], tmp_path / "f", chunk=8, show_progress=False)
-    with pytest.raises(ProtextError, match="images, paths_sha1 differ"):
+    with pytest.raises(ProtextError, match="another list of images \\(5 images then, 6 now"):
         write_features(backbone, paths[:6], tmp_path / "f", chunk=4, show_progress=False)
+    with pytest.raises(ProtextError, match="--workers must be at least 1"):
+        write_features(backbone, paths[:5], tmp_path / "f", chunk=4, workers=0, show_progress=False)
+    (tmp_path / "f" / ".part-000001.parquet.x1.tmp").write_bytes(b"half a part")  # a writer killed mid-part
+    write_features(backbone, paths[:5], tmp_path / "f", chunk=4, show_progress=False)
+    assert not list((tmp_path / "f").glob(".*.tmp"))
+    (tmp_path / "early").mkdir()  # settings written, then the first run died before any part
+    (tmp_path / "early" / "_settings.json").write_text('{"chunk": 99}')
+    write_features(backbone, paths[:5], tmp_path / "early", chunk=4, show_progress=False)
+    assert read_features(tmp_path / "early").info["chunk"] == 4
     with pytest.raises(ProtextError, match="--chunk must be at least 1"):
         write_features(backbone, paths, tmp_path / "g", chunk=0, show_progress=False)
     (tmp_path / "file").write_text("x")
@@ -105,11 +116,24 @@ def test_other_settings_or_inputs_are_refused_before_any_image_is_read(backbone,
     assert (tmp_path / "spark" / "part-00000-1a2b.snappy.parquet").read_bytes() == b"someone else's data"
 
 
-def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tmp_path):
+def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tmp_path, capsys):
     local = [p for p in paths[:6] if p.name != "broken.jpg"]
     uris = [p.resolve().as_uri() for p in local]
     (tmp_path / "list.csv").write_text("path\n" + "".join(u + "\n" for u in uris))
     assert collect([tmp_path / "list.csv", uris[0]]) == uris  # kept as URIs, once each
+    # a CSV given as a URI: relative rows relative to it, absolute rows on its filesystem
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.jpg").write_bytes(local[0].read_bytes())
+    (tmp_path / "remote.csv").write_text(f"sub/a.jpg\n{local[1].resolve()}\n")
+    base = tmp_path.resolve().as_uri()
+    assert collect([f"{base}/remote.csv"]) == [f"{base}/sub/a.jpg", local[1].resolve().as_uri()]
+    # a folder given as a URI is searched recursively for images
+    assert collect([f"{base}/sub/"]) == [f"{base}/sub/a.jpg"] == collect([f"{base}/sub"])
+    (tmp_path / "sub" / "empty").mkdir()
+    with pytest.raises(ProtextError, match="no image files below"):
+        collect([f"{base}/sub/empty"])
+    assert main(["features", uris[0], "--out", "s3://bucket/feats"]) == 2
+    assert "--out s3://bucket/feats" in capsys.readouterr().err
     write_features(backbone, uris + ["file:///no/such/image.jpg"], tmp_path / "f", show_progress=False)
     stored = read_features(tmp_path / "f")
     assert stored.errors[:-1] == [None] * len(uris) and "FileNotFoundError" in stored.errors[-1]

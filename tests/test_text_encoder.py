@@ -115,6 +115,7 @@ def test_length_grouped_step_gives_the_features_and_gradients_of_one_padded_batc
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5), (grads[0][1] - grads[1][1]).abs().max()
     assert grads[0][1].abs().sum() > 0
+    assert tiny.text.forward_lists([], pt.prompts).shape == (0, tiny.text.feature_dim)
 
 
 def test_bert_tower_matches_mean_pooled_transformers_output():

@@ -537,7 +537,7 @@ def _run_label(args: argparse.Namespace) -> None:
 
         ray_module()  # before any model is loaded: says how to install Ray when it is missing
         report = label_on_ray(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob, args.scores,
-                              args.address, args.workers or 2, args.num_gpus_per_worker, args.batch_size,
+                              args.address, 2 if args.workers is None else args.workers, args.num_gpus_per_worker, args.batch_size,
                               not args.no_progress)
     else:
         report = label(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob,
@@ -576,11 +576,11 @@ def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="compute the image features of many images into a folder of Parquet parts",
                        description="Run the image tower once over folders (recursive), files, CSV lists of paths and "
                                    "URIs, into --out: part-NNNNNN.parquet files (path, feature, error; one per "
-                                   "--chunk images, in input order) and features.json when finished. A rerun of the "
+                                   "--chunk images, in input order) and _summary.json when finished. A rerun of the "
                                    "same command after an interruption computes only the missing parts. Label them "
                                    "later with 'protext label --features DIR', with any label set.")
     p.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
-    p.add_argument("--out", type=Path, required=True, help="folder to write the parts into")
+    p.add_argument("--out", required=True, help="local folder to write the parts into")
     _add_image_job_args(p, 1024, "images per part file", "run the image tower")
     _add_backbone_args(p, with_prompts=False)
     p.set_defaults(run=_run_features)
@@ -591,12 +591,14 @@ def _run_features(args: argparse.Namespace) -> None:
     from .label import collect
 
     pyarrow_modules()
+    if "://" in args.out:
+        raise ProtextError(f"--out {args.out}: write the features to a local folder (or a mounted one), then copy them")
     paths = collect(args.paths)
     if args.engine == "ray":
         from .distributed import features_on_ray, ray_module
 
         ray_module()
-        report = features_on_ray(_backbone(args), paths, args.out, args.chunk, args.address, args.workers or 2,
+        report = features_on_ray(_backbone(args), paths, args.out, args.chunk, args.address, 2 if args.workers is None else args.workers,
                                  args.num_gpus_per_worker, args.batch_size, not args.no_progress)
     else:
         report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.chunk,

@@ -24,13 +24,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .backbone import Backbone, load_backbone
 from .cache import to_json
 from .classifier import ProTextClassifier
 from .errors import ProtextError
 from .feature_folder import FeaturesReport, start_features
-from .images import UnreadableImage, load_pixels
+from .images import UnreadableImage, is_uri, load_pixels
 from .label import LabelReport, _row, start_job, write_rows
 
 SHARD = 256  # images per shard: the unit of resuming
@@ -47,17 +48,20 @@ def ray_module():
 
 
 def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """A Ray Data task: paths -> preprocessed pixels, or the reason an image is unreadable."""
+    """A Ray Data task: the files at `source` -> preprocessed pixels, or the reason an image is
+    unreadable (its pixels zeros of the same shape, so that every batch stacks alike)."""
     pixels, errors = [], []
-    for path in batch["path"]:
+    for path, source in zip(batch["path"], batch["source"]):
         try:
-            pixels.append(load_pixels(str(path), size, mean, std).numpy())
+            pixels.append(load_pixels(str(source), size, mean, std).numpy())
             errors.append("")
         except UnreadableImage as e:
             pixels.append(None)
-            errors.append(str(e))
-    shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
-    batch["pixels"] = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
+            errors.append(str(e).replace(str(source), str(path)))  # the reason as the local path words it
+    if any(p is None for p in pixels):
+        blank = np.zeros(load_pixels(Image.new("RGB", (8, 8)), size, mean, std).shape, np.float32)
+        pixels = [blank if p is None else p for p in pixels]
+    batch["pixels"] = np.stack(pixels)
     batch["error"] = np.array(errors, dtype=object)
     return batch
 
@@ -120,12 +124,17 @@ def _run(items: list[dict], sizes: dict[int, int], tower, actor: type, actor_arg
          show_progress: bool) -> None:
     """Decode `items` ({"shard", "index", "path"}) in Ray tasks, run `actor` on them in a pool of
     `workers` actors, and call `save(shard, records)` on the driver as soon as a shard's
-    `sizes[shard]` records are all back, in input order (each record: the actor's columns)."""
+    `sizes[shard]` records are all back, in input order (each record: the actor's columns).
+
+    Workers read each image from its absolute path (a relative one would be resolved in the
+    worker's own folder), while `path` keeps the spelling the user gave, for the output."""
     from tqdm.auto import tqdm
 
     ray = ray_module()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    for item in items:
+        item["source"] = item["path"] if is_uri(item["path"]) else str(Path(item["path"]).resolve())
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std},
                                   batch_size=batch_size, batch_format="numpy")
@@ -167,7 +176,8 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
                                   {"--workers": workers, "--batch-size": batch_size})
     unique = list(dict.fromkeys(names))  # a path given twice is labelled once and written twice
     shards = {i: unique[start : start + SHARD] for i, start in enumerate(range(0, len(unique), SHARD))}
-    todo = {i: shard for i, shard in shards.items() if not parts.has_shard(i)}
+    # a shard is reused only when it holds rows for all its paths: the list may have changed since
+    todo = {i: shard for i, shard in shards.items() if not (parts.has_shard(i) and all(p in parts.rows for p in shard))}
     reused = sum(len(s) for i, s in shards.items() if i not in todo)
     start = time.perf_counter()
     if todo:

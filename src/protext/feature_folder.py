@@ -9,14 +9,14 @@ The folder (`--out`) holds:
 - `part-NNNNNN.parquet`: the features of input positions N*chunk .. (N+1)*chunk-1, in input
   order, one row each: `path` (string), `feature` (L2-normalised float32, fixed size; null when
   unreadable) and `error` (the reason, else null). Each part is written atomically.
-- `settings.json`: what decides the parts (backbone, image-tower fingerprint, chunk, the path
+- `_settings.json`: what decides the parts (backbone, image-tower fingerprint, chunk, the path
   list's hash), written first. A rerun with the same settings computes only the missing
   parts; a rerun with other settings is refused before any image is read.
-- `features.json`: the summary, written last: its presence means the folder is finished.
+- `_summary.json`: the summary, written last: its presence means the folder is finished.
 
-Any Parquet reader takes the parts as one table (`pandas.read_parquet(sorted(DIR.glob('part-*')))`,
-DuckDB's `read_parquet('DIR/part-*.parquet')`, Spark, Ray Data); `read_features` returns them
-as tensors. Both engines cut the inputs into the same parts, so their folders
+Any Parquet reader takes the folder as one table (`pyarrow.parquet.read_table(DIR)`,
+`pandas.read_parquet(DIR)`, DuckDB's `read_parquet('DIR/*.parquet')`, Spark, Ray Data: the
+names starting with "_" are skipped); `read_features` returns it as tensors. Both engines cut the inputs into the same parts, so their folders
 hold the same rows (features equal up to float rounding of other batch shapes).
 """
 
@@ -39,8 +39,8 @@ from .errors import ProtextError
 from .images import decode_ahead
 
 FORMAT = 1
-SETTINGS_FILE = "settings.json"
-SUMMARY_FILE = "features.json"
+SETTINGS_FILE = "_settings.json"  # names starting with "_" are skipped by Parquet readers given the folder
+SUMMARY_FILE = "_summary.json"
 
 
 def pyarrow_modules():
@@ -78,8 +78,11 @@ class FeatureFolder:
         if self.out.exists() and not self.out.is_dir():
             raise ProtextError(f"--out {self.out} is a file; --out names the folder the feature parts are written into")
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".part-*.tmp"):  # left by a writer killed mid-part
+            stale.unlink(missing_ok=True)
         saved = self.out / SETTINGS_FILE
-        if saved.is_file():
+        parts = any(self.out.glob("part-*.parquet"))
+        if saved.is_file() and parts:
             import json
 
             try:
@@ -87,10 +90,15 @@ class FeatureFolder:
             except (OSError, ValueError) as e:
                 raise ProtextError(f"{saved}: unreadable ({e}); delete {self.out} to start over") from e
             differ = [k for k in settings if earlier.get(k) != settings[k]]
+            if {"images", "paths_sha1"} & set(differ):
+                raise ProtextError(f"{self.out} holds features of another list of images ({earlier.get('images')} "
+                                   f"images then, {settings['images']} now, or the same number in another order): "
+                                   f"give the same inputs to finish it, or another --out")
             if differ:
-                raise ProtextError(f"{self.out} holds features made with other settings ({', '.join(differ)} differ): "
-                                   f"rerun with those, or give another --out")
-        elif any(self.out.glob("part-*.parquet")):
+                raise ProtextError(f"{self.out} holds features made with other settings ({', '.join(differ)} differ: "
+                                   f"{', '.join(f'{k} {earlier.get(k)!r}' for k in differ)} then): rerun with those, "
+                                   f"or give another --out")
+        elif parts and not saved.is_file():
             raise ProtextError(f"{self.out} holds part-*.parquet files that protext features did not write (no "
                                f"{SETTINGS_FILE}); give a new or empty --out")
         else:
@@ -167,7 +175,7 @@ def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | P
     from tqdm.auto import tqdm
 
     names, folder = start_features(backbone, paths, Path(out), chunk,
-                                   {"--batch-size": batch_size, "--workers": workers or 1})
+                                   {"--batch-size": batch_size, "--workers": 1 if workers is None else workers})
     todo = folder.missing()
     workers = workers or min(8, os.cpu_count() or 1)
     tower, device = backbone.image, backbone.device
@@ -224,15 +232,15 @@ def read_features(folder: str | Path) -> StoredFeatures:
             if (folder / SETTINGS_FILE).is_file() else "not a feature folder (made by protext features)"
         raise ProtextError(f"{folder}: {what}")
     info = json.loads(summary.read_text(encoding="utf-8"))
-    tables = [pq.read_table(folder / f"part-{i:06d}.parquet") for i in range(info["parts"])]
-    paths = [p for t in tables for p in t.column("path").to_pylist()]
-    errors = [e for t in tables for e in t.column("error").to_pylist()]
-    feats = np.zeros((len(paths), info["dim"]), np.float32)
-    row = 0
-    for t in tables:
-        column = t.column("feature").combine_chunks()
-        flat = column.flatten().to_numpy(zero_copy_only=False)  # only the non-null rows' values
+    feats = np.zeros((info["images"], info["dim"]), np.float32)
+    paths: list[str] = []
+    errors: list[str | None] = []
+    for i in range(info["parts"]):  # one part in memory at a time, beside the result
+        table = pq.read_table(folder / f"part-{i:06d}.parquet")
+        column = table.column("feature").combine_chunks()
         valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-        feats[row : row + len(t)][valid] = flat.reshape(-1, info["dim"])
-        row += len(t)
+        feats[len(paths) : len(paths) + len(table)][valid] = column.flatten().to_numpy().reshape(-1, info["dim"])
+        paths += table.column("path").to_pylist()
+        errors += table.column("error").to_pylist()
+        del table, column
     return StoredFeatures(paths, torch.from_numpy(feats), errors, info)

@@ -19,6 +19,7 @@ losing every other result.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections import deque
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -134,20 +136,51 @@ def is_uri(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
 
 
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str):
+    """pyarrow's filesystem for a URI's scheme and host (bucket), made once: making one can
+    cost a request (S3 looks up the bucket's region), which must not happen per image."""
+    try:
+        from pyarrow import fs
+    except ImportError as e:
+        raise ImportError(f"reading {root}... needs pyarrow: pip install 'protext[parquet]'") from e
+    return fs.FileSystem.from_uri(root)
+
+
+def uri_location(uri: str):
+    """(pyarrow filesystem, path inside it) of a URI."""
+    parts = urlsplit(uri)
+    filesystem, base = _filesystem(f"{parts.scheme}://{parts.netloc}/")  # base: "bucket" on S3, "/" locally
+    base = base.strip("/")
+    inner = parts.path.lstrip("/")
+    return filesystem, f"{base}/{inner}" if base else f"/{inner}"
+
+
+def read_uri(uri: str) -> bytes:
+    filesystem, inner = uri_location(uri)
+    with filesystem.open_input_file(inner) as f:
+        return f.read()
+
+
+def list_uri_images(uri: str) -> list[str] | None:
+    """The image files below a URI that names a folder (prefix), sorted; None when it names a file."""
+    from pyarrow import fs
+
+    filesystem, inner = uri_location(uri)
+    if filesystem.get_file_info(inner).type != fs.FileType.Directory:
+        return None
+    infos = filesystem.get_file_info(fs.FileSelector(inner, recursive=True))
+    root = uri.rstrip("/")
+    return sorted(root + "/" + i.path[len(inner.rstrip("/")) :].lstrip("/") for i in infos
+                  if i.type == fs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES)
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file (so truncated files fail here, not later).
 
     A URI is read with pyarrow's filesystems (S3, GCS, HDFS, ... when pyarrow and the
     filesystem's packages and credentials are present), so a cluster can label a bucket."""
-    source = path
-    if is_uri(path):
-        try:
-            from pyarrow import fs
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs pyarrow: pip install 'protext[parquet]'") from e
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_file(inner) as f:
-            source = io.BytesIO(f.read())
+    source = io.BytesIO(read_uri(path)) if is_uri(path) else path
     with Image.open(source) as im:
         im.load()
         return im.copy()

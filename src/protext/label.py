@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+from urllib.parse import urlsplit
 
 import torch
 
@@ -35,7 +36,7 @@ from .cache import atomic_write_bytes, atomic_write_json, to_json
 from .classifier import ProTextClassifier
 from .descriptions import normalize_name
 from .errors import ProtextError
-from .images import decode_ahead, is_uri, list_images
+from .images import IMAGE_SUFFIXES, decode_ahead, is_uri, list_images, list_uri_images, read_uri
 
 if TYPE_CHECKING:
     from .feature_folder import StoredFeatures
@@ -77,15 +78,17 @@ def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
     """Image paths from folders (recursive), files, CSV files listing paths, and URIs.
 
     A CSV's paths are its `path` column when a header row names one, else its first column;
-    relative paths are relative to the CSV. A URI (s3://bucket/key.jpg, in the arguments or a
-    CSV) stays a string, read later through pyarrow (`images.open_image`). Paths appear once,
+    relative paths are relative to the CSV. URIs (s3://bucket/key.jpg, gs://..., file://...)
+    work the same way, in the arguments or a CSV, through pyarrow's filesystems: an image URI
+    stays a string, read later (`images.open_image`); a CSV URI is read and a folder URI
+    (prefix) listed here. Paths appear once,
     in the order first given. A path that does not exist is kept: it is reported as
     unreadable, like any other bad file.
     """
     paths: list[str | Path] = []
     for item in inputs:
         if is_uri(str(item)):
-            paths.append(str(item))
+            paths.extend(_uri_paths(str(item)))
             continue
         item = Path(item)
         if item.is_dir():
@@ -100,12 +103,43 @@ def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
     return list(dict.fromkeys(paths))
 
 
+def _uri_paths(uri: str) -> list[str]:
+    """A URI: one image (by its suffix; read later, so a missing one is a row, not a stop), a
+    CSV list of paths (relative ones relative to it, absolute ones on its filesystem), or a
+    folder (prefix) searched recursively."""
+    if Path(urlsplit(uri).path).suffix.lower() in IMAGE_SUFFIXES:
+        return [uri]
+    try:
+        if uri.lower().endswith(".csv"):
+            text = read_uri(uri).decode("utf-8-sig")
+            parts = urlsplit(uri)
+            return [p if is_uri(p) else f"{parts.scheme}://{parts.netloc}{p}" if p.startswith("/")
+                    else f"{uri.rsplit('/', 1)[0]}/{p}" for p in _csv_rows(text, uri)]
+        found = list_uri_images(uri)
+    except ProtextError:
+        raise
+    except Exception as e:  # missing pyarrow or filesystem packages, credentials, network
+        raise ProtextError(f"{uri}: cannot be listed or read ({e.__class__.__name__}: {e})") from e
+    if found == []:
+        raise ProtextError(f"{uri}: no image files below this folder")
+    return [uri] if found is None else found
+
+
 def _csv_paths(path: Path) -> list[str | Path]:
     if not path.is_file():
         raise ProtextError(f"{path}: no such CSV file (expected a list of image paths)")
     try:
-        rows = [row for row in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if "".join(row).strip()]
-    except (csv.Error, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ProtextError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
+    return [p if is_uri(p) else path.parent / p for p in _csv_rows(text, path)]
+
+
+def _csv_rows(text: str, path: Path | str) -> list[str]:
+    """The paths a CSV lists: its `path` column when a header names one, else its first."""
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text)) if "".join(row).strip()]
+    except csv.Error as e:
         raise ProtextError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
     column = 0
     if rows and "path" in [c.strip().lower() for c in rows[0]]:
@@ -114,7 +148,7 @@ def _csv_paths(path: Path) -> list[str | Path]:
     bad = [i for i, row in enumerate(rows) if len(row) <= column or not row[column].strip()]
     if bad:
         raise ProtextError(f"{path}: row {bad[0] + 1} of the data has no path in column {column + 1}")
-    return [row[column].strip() if is_uri(row[column].strip()) else path.parent / row[column].strip() for row in rows]
+    return [row[column].strip() for row in rows]
 
 
 def _settings(clf: ProTextClassifier, top_k: int, min_prob: float | None, scores: str) -> dict:
@@ -218,7 +252,7 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
 
     output = Path(output)
     fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
-                                  {"--batch-size": batch_size, "--chunk": chunk, "--workers": workers or 1})
+                                  {"--batch-size": batch_size, "--chunk": chunk, "--workers": 1 if workers is None else workers})
     todo = [n for n in names if n not in parts.rows]
     reused = len(names) - len(todo)
     workers = workers or min(8, os.cpu_count() or 1)
