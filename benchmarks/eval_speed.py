@@ -88,7 +88,8 @@ def main() -> None:
     score = time.perf_counter() - t0
 
     where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    print(f"device: {where} (fp32, as extraction runs), torch threads: {torch.get_num_threads()}, batch {args.batch_size}, {len(samples)} real JPEGs, "
+    print(f"device: {where} (fp32, as extraction runs), torch threads: {torch.get_num_threads()}, "
+          f"batch {args.batch_size}, {len(samples)} real JPEGs, "
           f"ViT-B/16-shaped random CLIP")
     print("| path | images/s |")
     print("|---|---|")

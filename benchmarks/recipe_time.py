@@ -125,8 +125,7 @@ def main() -> None:
                 groups = text.step_groups(lens)
                 computed = [max(lens[k] for k in g) for g in groups for _ in g]  # each group padded to its longest
                 flops += 2 * forward_flops(computed, width, layers)
-                uniq = lens
-                distinct.append(len(uniq))
+                distinct.append(len(lens))
         step = sum(times) / len(times)
         total = encode_seconds + EPOCHS * steps_per_epoch * step
         print(f"| {batching} | {sum(distinct) / len(distinct):.1f} | {step:.2f} | {flops / sum(times) / 1e9:.0f} | "

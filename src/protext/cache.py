@@ -77,6 +77,20 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (to_json(obj) + "\n").encode())
 
 
+def settings_change(path: Path, settings: dict, folder: Path) -> tuple[dict, list[str]] | None:
+    """The settings an earlier run of a resumable job saved at `path`, and the keys whose value
+    differs from `settings` (compared as JSON, either side's keys); None when none were saved.
+    An unreadable file is an error that says how to start over (delete `folder`)."""
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ProtextError(f"{path}: unreadable ({e}); delete {folder} to start over") from e
+    now = json.loads(to_json(settings))
+    return earlier, [k for k in {**now, **earlier} if earlier.get(k) != now.get(k)]
+
+
 def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
     """Delete temporary files that a killed writer of `names` left in `folder`."""
     for name in names:

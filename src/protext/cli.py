@@ -536,8 +536,9 @@ def _run_label(args: argparse.Namespace) -> None:
         from .distributed import label_on_ray, ray_module
 
         ray_module()  # before any model is loaded: says how to install Ray when it is missing
-        report = label_on_ray(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob, args.scores,
-                              args.address, 2 if args.workers is None else args.workers, args.num_gpus_per_worker, args.batch_size,
+        workers = 2 if args.workers is None else args.workers
+        report = label_on_ray(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob,
+                              args.scores, args.address, workers, args.num_gpus_per_worker, args.batch_size,
                               not args.no_progress)
     else:
         report = label(_classifier(args, classes), collect(args.paths), args.output, args.top_k, args.min_prob,
@@ -598,7 +599,8 @@ def _run_features(args: argparse.Namespace) -> None:
         from .distributed import features_on_ray, ray_module
 
         ray_module()
-        report = features_on_ray(_backbone(args), paths, args.out, args.chunk, args.address, 2 if args.workers is None else args.workers,
+        workers = 2 if args.workers is None else args.workers
+        report = features_on_ray(_backbone(args), paths, args.out, args.chunk, args.address, workers,
                                  args.num_gpus_per_worker, args.batch_size, not args.no_progress)
     else:
         report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.chunk,

@@ -16,8 +16,9 @@ The folder (`--out`) holds:
 
 Any Parquet reader takes the folder as one table (`pyarrow.parquet.read_table(DIR)`,
 `pandas.read_parquet(DIR)`, DuckDB's `read_parquet('DIR/*.parquet')`, Spark, Ray Data: the
-names starting with "_" are skipped); `read_features` returns it as tensors. Both engines cut the inputs into the same parts, so their folders
-hold the same rows (features equal up to float rounding of other batch shapes).
+names starting with "_" are skipped); `read_features` returns it as tensors. Both engines
+cut the inputs into the same parts, so their folders hold the same rows (features equal up
+to float rounding of other batch shapes).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .cache import atomic_write_bytes, atomic_write_json, sha1
+from .cache import atomic_write_bytes, atomic_write_json, settings_change, sha1
 from .errors import ProtextError
 from .images import decode_ahead
 
@@ -82,14 +83,9 @@ class FeatureFolder:
             stale.unlink(missing_ok=True)
         saved = self.out / SETTINGS_FILE
         parts = any(self.out.glob("part-*.parquet"))
-        if saved.is_file() and parts:
-            import json
-
-            try:
-                earlier = json.loads(saved.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise ProtextError(f"{saved}: unreadable ({e}); delete {self.out} to start over") from e
-            differ = [k for k in settings if earlier.get(k) != settings[k]]
+        change = settings_change(saved, settings, self.out) if parts else None
+        if change is not None:
+            earlier, differ = change
             if {"images", "paths_sha1"} & set(differ):
                 raise ProtextError(f"{self.out} holds features of another list of images ({earlier.get('images')} "
                                    f"images then, {settings['images']} now, or the same number in another order): "

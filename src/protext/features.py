@@ -5,9 +5,10 @@ backbone's name and revision and a fingerprint of the tower that made them (for 
 the text-cleaning rule), so features are never served for other weights.
 
 Text: `encode_texts` encodes only the sentences no earlier run stored (descriptions,
-templates, masked queries). Images: `extract`, per (backbone, dataset, split). Decoding and preprocessing run in a thread pool (PIL releases the GIL) while the main
-thread runs the image tower, so the CPU or GPU is kept busy. Each finished chunk is
-stored atomically before the next starts: an interrupted extraction resumes where it
+templates, masked queries). Images: `extract`, per (backbone, dataset, split). Decoding
+and preprocessing run in threads a bounded window ahead (`images.decode_ahead`; PIL releases
+the GIL) while the main thread runs the image tower, so the CPU or GPU is kept busy. Each
+finished chunk is stored atomically before the next starts: an interrupted extraction resumes where it
 stopped. Unreadable files (corrupt, truncated, missing, too large: see `images.load_pixels`)
 are skipped, counted and listed. The cache is keyed by the image tower's own fingerprint,
 so new vision weights saved under the same name never reuse old features.
@@ -16,7 +17,6 @@ so new vision weights saved under the same name never reuse old features.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +27,7 @@ from .backbone import Backbone
 from .cache import FeatureStore, default_cache_dir, sha1
 from .datasets import Dataset
 from .errors import ProtextError
-from .images import UnreadableImage, load_pixels
+from .images import decode_ahead
 
 
 @dataclass
@@ -83,20 +83,16 @@ def extract(backbone: Backbone, dataset: Dataset, cache_dir: Path | None = None,
     keys = [image_key(p) for p in paths]
     todo = images.missing(keys)
     skipped: dict[int, str] = {}
-
-    def decode(i: int) -> torch.Tensor | str:
-        try:
-            return load_pixels(paths[i], tower.image_size, tower.mean, tower.std)
-        except UnreadableImage as e:
-            return str(e)
-
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc=f"image features {dataset.name}",
-                                                   unit="img", disable=not show_progress or not todo) as bar:
+    with tqdm(total=len(todo), desc=f"image features {dataset.name}", unit="img",
+              disable=not show_progress or not todo) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             good, feats, pixels = [], [], []
-            for i, result in zip(part, pool.map(decode, part)):
+            decoded = decode_ahead([paths[i] for i in part], tower.image_size, tower.mean, tower.std, workers,
+                                   2 * batch_size + workers)
+            for j, result in decoded:
+                i = part[j]
                 if isinstance(result, str):
                     skipped[i] = result
                 else:

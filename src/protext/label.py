@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .cache import atomic_write_bytes, atomic_write_json, to_json
+from .cache import atomic_write_bytes, atomic_write_json, settings_change, to_json
 from .classifier import ProTextClassifier
 from .descriptions import normalize_name
 from .errors import ProtextError
@@ -179,17 +179,12 @@ class Parts:
         self.folder = output.with_name(output.name + ".parts")
         self.rows: dict[str, dict] = {}
         saved = self.folder / "settings.json"
-        if saved.is_file():
-            try:
-                earlier = json.loads(saved.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise ProtextError(f"{saved}: unreadable ({e}); delete {self.folder} to start over") from e
-            if earlier != json.loads(to_json(settings)):
-                differ = ", ".join(k for k in settings if earlier.get(k) != json.loads(to_json(settings[k])))
-                raise ProtextError(f"{self.folder} holds an unfinished run with other settings ({differ} differ); "
-                                   f"rerun with those, or delete {self.folder} to start over")
-        else:
+        change = settings_change(saved, settings, self.folder)
+        if change is None:
             atomic_write_json(saved, settings)
+        elif change[1]:
+            raise ProtextError(f"{self.folder} holds an unfinished run with other settings ({', '.join(change[1])} "
+                               f"differ); rerun with those, or delete {self.folder} to start over")
         self.next = 0
         for part in sorted(self.folder.glob("part-*.jsonl")) + sorted(self.folder.glob("shard-*.jsonl")):
             for line in part.read_text(encoding="utf-8").splitlines():
@@ -252,7 +247,8 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
 
     output = Path(output)
     fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
-                                  {"--batch-size": batch_size, "--chunk": chunk, "--workers": 1 if workers is None else workers})
+                                  {"--batch-size": batch_size, "--chunk": chunk,
+                                   "--workers": 1 if workers is None else workers})
     todo = [n for n in names if n not in parts.rows]
     reused = len(names) - len(todo)
     workers = workers or min(8, os.cpu_count() or 1)
