@@ -3,7 +3,7 @@
 Model: a randomly initialised CLIP with ViT-B/16's image tower (width 768, 12 layers, 224 px,
 16 px patches) and text tower. Images: the 100 real ImageNet JPEGs in ../shared/data.
 
-- cache path: `protext.features.extract` on a fresh cache: decode + preprocess in threads,
+- cache path: `protext.training.evaluate.extract` on a fresh cache: decode + preprocess in threads,
   image tower forward, atomic store;
 - bare forward: the same tower on tensors decoded and preprocessed beforehand (not timed).
 
@@ -35,9 +35,10 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from protext.benchmark import accuracy
-    from protext.datasets import Dataset
-    from protext.features import Features, extract
+    from protext.context import Context
+    from protext.training.evaluate import accuracy
+    from protext.training.datasets import Dataset
+    from protext.training.evaluate import LabelledFeatures, extract
     from protext.heads import Heads
     from protext.images import open_image, preprocess
     from protext.tiny import tiny_clip
@@ -68,20 +69,20 @@ def main() -> None:
         tower(torch.stack(pixels[: args.batch_size]).to(device))  # warm-up
         before = bare_forward()
         t0 = time.perf_counter()
-        feats = extract(backbone, dataset, Path(tmp) / "cache", batch_size=args.batch_size, show_progress=False)
+        feats = extract(backbone, dataset, Context(Path(tmp) / "cache", progress=False), batch_size=args.batch_size)
         cached = len(feats.labels) / (time.perf_counter() - t0)
         bare = max(before, bare_forward())  # the faster of a run before and one after: a conservative ratio
 
         t0 = time.perf_counter()
-        again = extract(backbone, dataset, Path(tmp) / "cache", batch_size=args.batch_size, show_progress=False)
+        again = extract(backbone, dataset, Context(Path(tmp) / "cache", progress=False), batch_size=args.batch_size)
         reread = time.perf_counter() - t0
 
     classes = [f"class number {i}" for i in range(100)]
-    heads = Heads(backbone, cache_dir=Path(tempfile.mkdtemp()))
+    heads = Heads(backbone, ctx=Context(Path(tempfile.mkdtemp())))
     t0 = time.perf_counter()
     weights = heads.get("clip", classes)
     build = time.perf_counter() - t0
-    big = Features(torch.nn.functional.normalize(torch.randn(10_000, weights.shape[1], device=weights.device), dim=-1),
+    big = LabelledFeatures(torch.nn.functional.normalize(torch.randn(10_000, weights.shape[1], device=weights.device), dim=-1),
                    torch.randint(0, 100, (10_000,)), [])
     t0 = time.perf_counter()
     acc = accuracy(big, weights)

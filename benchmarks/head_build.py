@@ -28,7 +28,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from protext.descriptions import load_descriptions, normalize_name
-    from protext.heads import Heads
+    from protext.context import Context
+    from protext.heads import HeadInputs, Heads
     from protext.model import ProText
     from protext.sources import load_descriptors
 
@@ -43,12 +44,13 @@ def main() -> None:
     print("| head | build | sentences | seconds | peak RSS MiB |\n|---|---|---|---|---|")
     for attempt in ("first", "again"):
         for head in args.heads.split(","):
-            heads = Heads(backbone, prompts, descriptions, cache / head, descriptors=descriptors)
+            heads = Heads(backbone, HeadInputs(prompts, descriptions, descriptors, dataset="imagenet"),
+                          Context(cache / head))
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                weights = heads.get(head, classes, "imagenet")
+                weights = heads.get(head, classes)
                 seconds = time.perf_counter() - t0
-            sentences = sum(len(heads.sentences_of(h, classes, "imagenet")) for h in head.split("+"))
+            sentences = sum(len(heads.sentences_of(h, classes)) for h in head.split("+"))
             print(f"| {head} | {attempt} | {sentences} | {seconds:.2f} | {mem.peak:.0f} |", flush=True)
             assert weights.shape == (len(classes), backbone.text.feature_dim)
 

@@ -38,6 +38,7 @@ def main() -> None:
     import torch
 
     from protext.classifier import ProTextClassifier
+    from protext.context import QUIET, Context
     from protext.images import load_pixels
     from protext.label import label
     from protext.tiny import tiny_clip
@@ -47,7 +48,7 @@ def main() -> None:
                          vision_heads=12, image_size=224, patch=16)
     files = sorted(IMAGES.iterdir())[: args.images]
     with tempfile.TemporaryDirectory() as tmp:
-        clf = ProTextClassifier(backbone, [f"class number {i}" for i in range(100)], head="clip", cache_dir=Path(tmp))
+        clf = ProTextClassifier(backbone, [f"class number {i}" for i in range(100)], "clip", ctx=Context(Path(tmp)))
         tower = backbone.image
         pixels = [load_pixels(f, tower.image_size, tower.mean, tower.std) for f in files]
 
@@ -59,7 +60,7 @@ def main() -> None:
 
         def label_run(i: int) -> float:
             t0 = time.perf_counter()
-            report = label(clf, files, Path(tmp) / f"labels-{i}.jsonl", batch_size=args.batch_size, show_progress=False)
+            report = label(clf, files, Path(tmp) / f"labels-{i}.jsonl", batch_size=args.batch_size, ctx=QUIET)
             return report.labelled / (time.perf_counter() - t0)
 
         tower(torch.stack(pixels[: args.batch_size]))  # warm-up

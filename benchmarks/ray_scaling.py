@@ -36,6 +36,7 @@ def main() -> None:
     import ray
 
     from protext.classifier import ProTextClassifier
+    from protext.context import QUIET
     from protext.descriptions import load_descriptions
     from protext.distributed import features_on_ray, label_on_ray
     from protext.feature_folder import write_features
@@ -53,12 +54,12 @@ def main() -> None:
         shutil.copy(samples[i % len(samples)], paths[-1])
     print(f"{args.images} ImageNet JPEGs, ViT-B/16-shaped random CLIP, torch threads {torch.get_num_threads()}")
     bs = args.batch_size
-    single = {"label": lambda out: label(clf, paths, out / "labels.jsonl", batch_size=bs, show_progress=False),
-              "features": lambda out: write_features(backbone, paths, out, batch_size=bs, show_progress=False)}
+    single = {"label": lambda out: label(clf, paths, out / "labels.jsonl", batch_size=bs, ctx=QUIET),
+              "features": lambda out: write_features(backbone, paths, out, batch_size=bs, ctx=QUIET)}
     on_ray = {"label": lambda out, n: label_on_ray(clf, paths, out / "labels.jsonl", workers=n, batch_size=bs,
-                                                   show_progress=False),
+                                                   ctx=QUIET),
               "features": lambda out, n: features_on_ray(backbone, paths, out, workers=n, batch_size=bs,
-                                                         show_progress=False)}
+                                                         ctx=QUIET)}
     print("| job | path | images/s |\n|---|---|---|", flush=True)
     ratios = []
     for job in args.jobs.split(","):

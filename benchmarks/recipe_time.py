@@ -75,7 +75,7 @@ def main() -> None:
 
     from protext.descriptions import load_descriptions, pairs
     from protext.model import ProText
-    from protext.train import TrainConfig, _autocast, batch_loss, epoch_order
+    from protext.training.train import TrainConfig, _autocast, batch_loss, epoch_order
 
     data = load_descriptions(IMAGENET_DESCRIPTIONS)
     classes, texts, cls_idx, txt_idx = pairs(data)

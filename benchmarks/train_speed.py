@@ -67,7 +67,7 @@ def child(path: str, steps: int, device: str, shape: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from support import plain_loss
 
-    from protext.train import TrainConfig, _autocast, batch_loss
+    from protext.training.train import TrainConfig, _autocast, batch_loss
 
     backbone, model, classes, texts, cls_idx, txt_idx = build(device, shape)
     cfg = TrainConfig(n_ctx=4, depth=9)

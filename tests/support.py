@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protext.datasets import SPLIT_DATASETS
+from protext.training.datasets import SPLIT_DATASETS
 from protext.model import ProText
 from protext.text_encoder import pad
-from protext.train import TrainConfig, loss_fn
+from protext.training.train import TrainConfig, loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -12,7 +12,8 @@ from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.descriptions import load_descriptions
 from protext.errors import ProtextError
-from protext.heads import Heads, Waffle
+from protext.context import Context
+from protext.heads import HeadInputs, Heads, Waffle
 from protext.sources import load_descriptors
 
 IMAGENET = load_descriptions(DCLIP / "descriptors_imagenet.json", item="descriptor")
@@ -40,7 +41,7 @@ def test_dclip_sentence_rules_on_real_descriptors(name, descriptor, sentence):
 def test_dclip_head_is_the_mean_of_per_descriptor_similarities(tiny, tmp_path):
     classes = ["tench", "goldfish", "great white shark"]
     descriptors = {c: IMAGENET[c] for c in classes}
-    weights = Heads(tiny, descriptors=descriptors, cache_dir=tmp_path).get("dclip", classes, "imagenet")
+    weights = Heads(tiny, HeadInputs(descriptors=descriptors, dataset="imagenet"), Context(tmp_path)).get("dclip", classes)
     images = F.normalize(torch.randn(7, weights.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
     for i, c in enumerate(classes):
         sentence_feats = tiny.text.encode([f"{c}, {dclip_clause(d)}." for d in descriptors[c]])  # "." on ImageNet
@@ -68,23 +69,26 @@ def test_waffle_descriptors_are_seeded_and_sized_as_waffleclip(tiny):
 
 def test_waffle_head_shares_descriptors_and_takes_a_concept(tiny, tmp_path):
     classes = ["cat", "dog", "frog"]
-    heads = Heads(tiny, cache_dir=tmp_path, waffle=Waffle(count=3, seed=5, concept="animal"))
+    heads = Heads(tiny, HeadInputs(waffle=Waffle(count=3, seed=5, concept="animal")), Context(tmp_path))
     shared = heads.waffle_descriptors(classes)
     weights = heads.get("waffle", classes)
     for i, c in enumerate(classes):
         want = tiny.text.encode([f"A photo of a animal: a {c}, {dclip_clause(d)}." for d in shared]).mean(0)
         assert torch.allclose(weights[i], want, atol=1e-6)
-    other = Heads(tiny, cache_dir=tmp_path, waffle=Waffle(count=3, seed=6)).get("waffle", classes)
+    other = Heads(tiny, HeadInputs(waffle=Waffle(count=3, seed=6)), Context(tmp_path)).get("waffle", classes)
     assert not torch.allclose(weights, other, atol=1e-3)
-    joint = Heads(tiny, cache_dir=tmp_path, descriptors={c: ["has fur"] for c in classes}, waffle=Waffle(count=3))
+    joint = Heads(tiny, HeadInputs(descriptors={c: ["has fur"] for c in classes}, waffle=Waffle(count=3)), Context(tmp_path))
     both = joint.get("waffle+dclip", classes)
     assert torch.allclose(both, F.normalize(joint.get("waffle", classes) + joint.get("dclip", classes), dim=-1), atol=1e-6)
     assert torch.allclose(both.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
 def test_bad_descriptor_input_names_the_file_class_or_flag(tiny, tiny_folder, tmp_path, capsys):
-    with pytest.raises(ProtextError, match=r"head 'dclip' needs DCLIP descriptors .* none for 'frog'"):
-        Heads(tiny, descriptors={"cat": ["has fur"]}, cache_dir=tmp_path).get("dclip", ["cat", "frog"])
+    with pytest.raises(ProtextError, match=r"head 'dclip' needs descriptors \(--descriptors FILE or dclip:NAME\) "
+                                           r"for every class; none for 'frog'"):
+        Heads(tiny, HeadInputs(descriptors={"cat": ["has fur"]}), Context(tmp_path)).get("dclip", ["cat", "frog"])
+    with pytest.raises(ProtextError, match=r"head 'dclip' needs descriptors \(--descriptors FILE or dclip:NAME\)$"):
+        Heads(tiny, HeadInputs(), Context(tmp_path)).get("dclip", ["cat", "frog"])
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"cat": ["has fur"], "frog": []}))
     with pytest.raises(ProtextError, match=r"empty\.json: key 'frog': empty list of descriptors"):
@@ -108,23 +112,23 @@ def test_bad_descriptor_input_names_the_file_class_or_flag(tiny, tiny_folder, tm
 def test_published_sets_keep_dclips_convention_for_empty_lists(tmp_path, monkeypatch):
     from protext import sources
 
-    cached = sources.cached_path("dclip:stanford_cars", tmp_path)
+    cached = sources.cached_path("dclip:stanford_cars", Context(tmp_path))
     cached.parent.mkdir(parents=True)
     cached.write_text((DCLIP / "descriptors_cars.json").read_text())
-    cars = load_descriptors("dclip:stanford_cars", tmp_path)
+    cars = load_descriptors("dclip:stanford_cars", Context(tmp_path))
     raw = json.loads((DCLIP / "descriptors_cars.json").read_text())
     empty = [k for k, v in raw.items() if not "".join(v).strip()]
     assert len(cars) == len(raw) and empty and all(cars[k.lower()] == [""] for k in empty)
     monkeypatch.setitem(sources.SOURCES, "dclip:dtd", "http://127.0.0.1:9/descriptors_dtd.json")
     with pytest.raises(ProtextError, match="pass its path as --descriptors"):
-        load_descriptors("dclip:dtd", tmp_path)
+        load_descriptors("dclip:dtd", Context(tmp_path))
 
 
 def test_new_heads_everywhere(tiny, tiny_folder, tmp_path, capsys):
     classes = ["banded", "bumpy", "dotted"]
     descriptors = str(DCLIP / "descriptors_dtd.json")
     clf = ProTextClassifier.from_backbone(tiny, classes, descriptors=descriptors, head="dclip+waffle",
-                                          waffle=Waffle(count=2))
+                                          waffle_count=2)
     assert clf.predict(torch.zeros(2, 3, 32, 32)).probs.shape == (2, 3)
     root = tmp_path / "imgs"
     for i, c in enumerate(classes):

@@ -8,7 +8,8 @@ from support import SHARED
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.errors import ProtextError
-from protext.heads import Heads
+from protext.context import Context
+from protext.heads import HeadInputs, Heads
 from protext.images import open_image, preprocess
 from protext.model import ProText
 from protext.templates import IMAGENET_80
@@ -26,9 +27,9 @@ def prompts(tiny):
 
 def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     descs = {"cat": ["A cat is small.", "Cats purr."], "airplane": ["An airplane has wings."]}
-    heads = Heads(tiny, prompts, descs, tmp_path)
+    heads = Heads(tiny, HeadInputs(prompts, descs), Context(tmp_path))
     enc = tiny.text.encode
-    clip = heads.get("clip", CLASSES, "oxford_pets")
+    clip = Heads(tiny, HeadInputs(dataset="oxford_pets"), Context(tmp_path)).get("clip", CLASSES)
     assert torch.allclose(clip, enc([f"a photo of a {c}, a type of pet." for c in CLASSES]), atol=1e-6)
     want80 = torch.stack([F.normalize(enc([t.format(c) for t in IMAGENET_80]).mean(0), dim=-1) for c in CLASSES])
     assert torch.allclose(heads.get("clip80", CLASSES), want80, atol=1e-5)
@@ -36,7 +37,7 @@ def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     assert torch.allclose(cupl[1], F.normalize(enc(descs["cat"]).mean(0), dim=-1), atol=1e-6)
     assert torch.allclose(cupl[0], enc(descs["airplane"])[0], atol=1e-6)
     assert torch.allclose(cupl[2], heads.get("clip", CLASSES)[2], atol=1e-6)  # no descriptions: falls back
-    assert heads.fallbacks[("cupl", tuple(CLASSES), None)] == ["frog"]
+    assert heads.fallbacks[("cupl", tuple(CLASSES))] == ["frog"]
     pro = heads.get("protext", CLASSES)
     assert torch.allclose(pro, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
     both = heads.get("protext+cupl", CLASSES)
@@ -44,21 +45,25 @@ def test_head_arithmetic_against_hand_computed_values(tiny, prompts, tmp_path):
     assert heads.get("protext", CLASSES) is pro  # computed once per label set
     assert torch.allclose(torch.linalg.norm(both, dim=1), torch.ones(3), atol=1e-5)
     # ProText's code: "a photo of a {}." except for prompts learned on another dataset
-    assert torch.allclose(heads.get("protext", CLASSES, "oxford_pets"), pro, atol=1e-6)
-    cross = Heads(tiny, prompts, descs, tmp_path, cross_dataset=True)
-    assert torch.allclose(cross.get("protext", CLASSES, "oxford_pets"),
-                          prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)
-    assert not torch.allclose(cross.get("protext", CLASSES, "oxford_pets"), pro, atol=1e-3)
-    assert torch.allclose(cross.get("protext", CLASSES, "imagenet"), pro, atol=1e-6)
+    def on(dataset, cross=False):
+        return Heads(tiny, HeadInputs(prompts, descs, dataset=dataset, cross_dataset=cross), Context(tmp_path))
+
+    assert torch.allclose(on("oxford_pets").get("protext", CLASSES), pro, atol=1e-6)
+    cross = on("oxford_pets", cross=True).get("protext", CLASSES)
+    assert torch.allclose(cross, prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)
+    assert not torch.allclose(cross, pro, atol=1e-3)
+    assert torch.allclose(on("imagenet", cross=True).get("protext", CLASSES), pro, atol=1e-6)
     with pytest.raises(ProtextError, match="unknown head"):
         heads.get("nope", CLASSES)
-    with pytest.raises(ProtextError, match="needs learned prompts"):
+    with pytest.raises(ProtextError, match=r"head 'protext' needs prompts \(--prompts DIR\)"):
         Heads(tiny).get("protext", CLASSES)
+    with pytest.raises(ProtextError, match=r"head 'cupl' needs descriptions \(--descriptions FILE or cupl:NAME\)"):
+        Heads(tiny).get("cupl", CLASSES)  # never silently the clip head
 
 
 def test_classifier_accepts_paths_pil_and_tensors(tiny, prompts, shared):
     files = sorted((SHARED / "images" / "cifar10_test_sample" / "cat").iterdir())[:3]
-    clf = ProTextClassifier(tiny, CLASSES, prompts=prompts)
+    clf = ProTextClassifier(tiny, CLASSES, inputs=HeadInputs(prompts))
     by_path = clf.predict(files)
     by_pil = clf.predict([open_image(f) for f in files])
     tower = tiny.image
@@ -104,7 +109,7 @@ def test_predict_skips_a_decompression_bomb_and_keeps_the_rest(tiny, tmp_path, m
 
 def test_any_heads_join_with_plus_as_their_renormalised_mean(tiny, prompts, tmp_path):
     descs = {"cat": ["A cat is small.", "Cats purr."], "airplane": ["An airplane has wings."], "frog": ["A frog hops."]}
-    heads = Heads(tiny, prompts, descs, tmp_path)
+    heads = Heads(tiny, HeadInputs(prompts, descs), Context(tmp_path))
     for combo in ("clip+cupl", "clip80+protext", "clip+cupl+protext"):
         want = F.normalize(sum(heads.get(h, CLASSES) for h in combo.split("+")), dim=-1)
         assert torch.allclose(heads.get(combo, CLASSES), want, atol=1e-6)
@@ -128,9 +133,9 @@ def test_classifier_constructors_load_one_backbone(tiny_folder, tmp_path, monkey
     monkeypatch.setattr(classifier_module, "load_backbone", counting)
     clf = ProTextClassifier.from_prompts(tmp_path / "p", CLASSES, backbone=str(tiny_folder))
     assert loads == [str(tiny_folder)] and clf.head == "protext"
-    assert clf.heads.prompts.backbone is clf.backbone
+    assert clf.inputs.prompts.backbone is clf.backbone
     plain = ProTextClassifier.from_backbone(backbone, CLASSES, head="clip80")
-    assert plain.head == "clip80" and plain.heads.prompts is None
+    assert plain.head == "clip80" and plain.inputs.prompts is None
     with pytest.raises(ProtextError, match="weights differ"):
         ProTextClassifier.from_prompts(tmp_path / "p", CLASSES, backbone=__import__("protext.tiny").tiny.tiny_clip(seed=3))
     with pytest.raises(ProtextError, match="unknown head"):
@@ -138,7 +143,7 @@ def test_classifier_constructors_load_one_backbone(tiny_folder, tmp_path, monkey
 
 
 def test_cross_dataset_switches_the_protext_template_dataset_alone_does_not(tiny, prompts):
-    plain = ProTextClassifier(tiny, CLASSES, prompts, dataset="oxford_pets")
-    cross = ProTextClassifier(tiny, CLASSES, prompts, dataset="oxford_pets", cross_dataset=True)
+    plain = ProTextClassifier(tiny, CLASSES, inputs=HeadInputs(prompts, dataset="oxford_pets"))
+    cross = ProTextClassifier(tiny, CLASSES, inputs=HeadInputs(prompts, dataset="oxford_pets", cross_dataset=True))
     assert torch.allclose(plain.weights, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
     assert torch.allclose(cross.weights, prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)

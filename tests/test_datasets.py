@@ -4,7 +4,7 @@ import math
 import pytest
 from support import SHARED, SPLIT_FILES, make_coop_tree, tiny_image
 
-from protext.datasets import SPLIT_DATASETS, base_novel, csv_dataset, image_folder, load_dataset
+from protext.training.datasets import SPLIT_DATASETS, base_novel, csv_dataset, image_folder, load_dataset
 from protext.errors import ProtextError
 
 

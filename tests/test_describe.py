@@ -9,8 +9,9 @@ import pytest
 from chat_server import ChatServer
 from support import ROOT
 
+from protext.context import QUIET
 from protext.cli import main
-from protext.describe import QUESTIONS, ChatClient, clean_answer, clean_answers, describe, parse_retry_after
+from protext.training.describe import QUESTIONS, ChatClient, clean_answer, clean_answers, describe, parse_retry_after
 from protext.errors import ProtextError
 
 KINDS = {"objects", "scenes", "textures", "satellite", "actions", "food", "pets", "flowers", "aircraft", "cars"}
@@ -31,7 +32,7 @@ def test_normal_answers_are_cleaned_and_saved(tmp_path):
     out = tmp_path / "d.json"
     with ChatServer() as server:
         gen = client(server)
-        report = describe(["Red_Fox", "owl"], "objects", out, gen, samples=2, concurrency=3, show_progress=False)
+        report = describe(["Red_Fox", "owl"], "objects", out, gen, samples=2, concurrency=3, ctx=QUIET)
     saved = json.loads(out.read_text())
     assert list(saved) == ["red fox", "owl"] or set(saved) == {"red fox", "owl"}
     assert all(s.endswith(".") and not s.startswith("1.") and "It has" not in s for v in saved.values() for s in v)
@@ -96,7 +97,7 @@ def test_a_refused_api_key_stops_the_run_at_once(tmp_path, status):
     with ChatServer(default=status) as server:
         with pytest.raises(ProtextError, match="the server refused the API key") as refused:
             describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=2, concurrency=1,
-                     show_progress=False)
+                     ctx=QUIET)
     assert server.url in str(refused.value) and status in str(refused.value)
     assert len(server.questions) == 1
 
@@ -105,14 +106,14 @@ def test_a_refused_api_key_lets_only_the_requests_in_flight_finish(tmp_path):
     with ChatServer(default="401", delay=0.5) as server:
         with pytest.raises(ProtextError, match="the server refused the API key"):
             describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=2, concurrency=3,
-                     show_progress=False)
+                     ctx=QUIET)
     assert server.max_in_flight == 3 and len(server.questions) == 3
 
 
 def test_other_client_errors_fail_only_their_class(tmp_path):
     with ChatServer(script=["404"] + ["ok"] * 9) as server:
         report = describe(["cat", "dog"], "objects", tmp_path / "d.json", client(server), samples=1, concurrency=1,
-                          show_progress=False)
+                          ctx=QUIET)
     assert list(report["failed"]) == ["cat"] and "HTTP 404" in report["failed"]["cat"]
     assert list(json.loads((tmp_path / "d.json").read_text())) == ["dog"]
 
@@ -123,13 +124,13 @@ def test_a_dropped_answer_keeps_the_others_and_a_rerun_asks_only_for_it(tmp_path
     n = len(QUESTIONS["objects"])
     with ChatServer(script=["ok", "short-body", "hang-up"]) as server:
         report = describe(["cat", "dog"], "objects", out, client(server, max_retries=1), samples=1, concurrency=1,
-                          show_progress=False)
+                          ctx=QUIET)
     assert list(report["failed"]) == ["cat"] and "giving up after 2 tries" in report["failed"]["cat"]
     assert list(json.loads(out.read_text())) == ["dog"]
     kept = json.loads(sidecar.read_text())
     assert list(kept) == ["cat"] and sum(len(a) for a in kept["cat"].values()) == n - 1
     with ChatServer() as server:
-        report = describe(["cat", "dog"], "objects", out, client(server), samples=1, show_progress=False)
+        report = describe(["cat", "dog"], "objects", out, client(server), samples=1, ctx=QUIET)
     assert server.questions == [QUESTIONS["objects"][1].format("cat")]
     assert report["failed"] == {} and report["already_saved"] == 1
     assert set(json.loads(out.read_text())) == {"cat", "dog"} and not sidecar.exists()
@@ -142,7 +143,7 @@ def test_a_bug_in_one_request_does_not_discard_finished_work(tmp_path):
         return "A fox is orange."
 
     report = describe(["fox", "owl"], "objects", tmp_path / "d.json", generate, samples=1, concurrency=2,
-                      show_progress=False)
+                      ctx=QUIET)
     assert list(report["failed"]) == ["owl"] and "a bug" in report["failed"]["owl"]
     assert json.loads((tmp_path / "d.json").read_text()) == {"fox": ["A fox is orange."]}
 
@@ -150,17 +151,17 @@ def test_a_bug_in_one_request_does_not_discard_finished_work(tmp_path):
 def test_concurrency_limit_is_respected(tmp_path):
     with ChatServer(default="slow", delay=0.15) as server:
         describe(["a1", "b1", "c1"], "pets", tmp_path / "d.json", client(server), samples=2, concurrency=3,
-                 show_progress=False)
+                 ctx=QUIET)
     assert server.max_in_flight == 3
 
 
 def test_a_failing_class_is_left_out_and_asked_again(tmp_path):
     out = tmp_path / "d.json"
     with ChatServer(default="500") as server:
-        report = describe(["cat"], "objects", out, client(server, max_retries=1), samples=1, show_progress=False)
+        report = describe(["cat"], "objects", out, client(server, max_retries=1), samples=1, ctx=QUIET)
     assert "cat" in report["failed"] and not out.exists()
     with ChatServer() as server:
-        report = describe(["cat"], "objects", out, client(server), samples=1, show_progress=False)
+        report = describe(["cat"], "objects", out, client(server), samples=1, ctx=QUIET)
     assert report["described"] == 1 and "cat" in json.loads(out.read_text())
 
 
@@ -211,7 +212,7 @@ def test_local_transformers_model_as_describer(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from protext.describe import LocalGenerator
+    from protext.training.describe import LocalGenerator
     from protext.tiny import clip_tokenizer
 
     tok = clip_tokenizer(["a", "cat", "is", "the", "photo", "describe"])

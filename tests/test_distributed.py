@@ -12,12 +12,15 @@ import pytest
 import torch
 from support import ROOT, SHARED
 
-import protext.feature_folder as feature_folder
+from protext.context import QUIET, Context
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.distributed import Classify, features_on_ray, label_on_ray
 from protext.feature_folder import read_features, write_features
-from protext.label import collect, label
+from protext.engine import collect
+from protext.errors import ProtextError
+from protext.label import label
+from protext.parts import PartFolder
 
 ray = pytest.importorskip("ray")
 
@@ -34,7 +37,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def clf(prompts_dir, tmp_path_factory):
-    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("c"))
+    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path_factory.mktemp("c"), "cpu"))
 
 
 def rows(path):
@@ -57,13 +60,11 @@ def same_rows(a: dict, b: dict) -> None:
 
 
 def test_ray_gives_the_rows_of_the_single_machine_path(cluster, clf, tmp_path, monkeypatch):
-    import protext.distributed as distributed
-
-    monkeypatch.setattr(distributed, "SHARD", 32)  # several shards from 101 images
     paths = images(tmp_path)
-    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
-    report = label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=2, batch_size=8, show_progress=False)
-    assert report.labelled == len(paths) and report.reused == 0 and len(report.unreadable) == 1
+    label(clf, paths, tmp_path / "one.jsonl", ctx=QUIET)
+    report = label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=2, batch_size=8, part_size=32,  # several parts
+                          ctx=QUIET)
+    assert report.processed == len(paths) and report.reused == 0 and report.unreadable == 1
     same_rows(rows(tmp_path / "one.jsonl"), rows(tmp_path / "ray.jsonl"))
     assert not (tmp_path / "ray.jsonl.parts").exists()
 
@@ -86,9 +87,8 @@ def test_an_actor_that_dies_is_retried_and_every_image_is_labelled_once(cluster,
     monkeypatch.setenv("PROTEXT_TEST_MARKER", str(marker))
     monkeypatch.setattr(distributed, "Classify", Flaky)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests
-    monkeypatch.setattr(distributed, "SHARD", 16)
     paths = images(tmp_path, 40)
-    report = label_on_ray(clf, paths, tmp_path / "out.jsonl", workers=1, batch_size=8, show_progress=False,
+    report = label_on_ray(clf, paths, tmp_path / "out.jsonl", workers=1, batch_size=8, part_size=16, ctx=QUIET,
                           runtime_env={"env_vars": {"PROTEXT_TEST_MARKER": str(marker)}})
     assert marker.exists()  # an actor really died
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
@@ -99,12 +99,12 @@ def test_an_actor_that_dies_is_retried_and_every_image_is_labelled_once(cluster,
 def _label_cmd(prompts, out, paths):
     return [sys.executable, "-m", "protext", "label", *map(str, paths), "--prompts", str(prompts), "--classes",
             ",".join(CLASSES), "--output", str(out), "--engine", "ray", "--workers", "1", "--batch-size", "4",
-            "--no-progress"]
+            "--part-size", "100", "--no-progress"]
 
 
 def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folder, clf, tmp_path):
-    prompts = clf.heads.prompts.save_pretrained(tmp_path / "p")
-    paths = [tmp_path / "imgs" / f"{i:03d}.jpg" for i in range(600)]  # SHARD images a shard: several shards
+    prompts = clf.inputs.prompts.save_pretrained(tmp_path / "p")
+    paths = [tmp_path / "imgs" / f"{i:03d}.jpg" for i in range(600)]  # six parts
     paths[0].parent.mkdir()
     sources = collect([CIFAR])
     for i, p in enumerate(paths):
@@ -115,25 +115,25 @@ def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folde
                             stderr=subprocess.DEVNULL, start_new_session=True)
     parts = out.with_name(out.name + ".parts")
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(parts.glob("shard-*.jsonl")):
+    while time.time() < deadline and proc.poll() is None and not list(parts.glob("part-*.jsonl")):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     proc.wait()
-    written = {json.loads(line)["path"] for f in parts.glob("shard-*.jsonl") for line in f.read_text().splitlines()}
+    written = {json.loads(line)["path"] for f in parts.glob("part-*.jsonl") for line in f.read_text().splitlines()}
     assert written and not out.exists(), "the job finished before it could be interrupted"
     done = subprocess.run(_label_cmd(prompts, out, [paths[0].parent]), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["reused"] == len(written) and report["labelled"] == len(paths) - len(written)
+    assert report["reused"] == len(written) and report["processed"] == len(paths) - len(written)
     assert len(rows(out)) == len(paths)
 
 
 def test_ray_features_are_the_single_machine_parts(cluster, clf, tmp_path):
     paths = images(tmp_path)
     backbone = clf.backbone
-    write_features(backbone, paths, tmp_path / "one", batch_size=8, chunk=32, show_progress=False)
-    report = features_on_ray(backbone, paths, tmp_path / "ray", chunk=32, workers=2, batch_size=8, show_progress=False)
-    assert (report.computed, report.reused, len(report.unreadable)) == (len(paths), 0, 1)
+    write_features(backbone, paths, tmp_path / "one", batch_size=8, part_size=32, ctx=QUIET)
+    report = features_on_ray(backbone, paths, tmp_path / "ray", part_size=32, workers=2, batch_size=8, ctx=QUIET)
+    assert (report.processed, report.reused, report.unreadable) == (len(paths), 0, 1)
     a, b = read_features(tmp_path / "one"), read_features(tmp_path / "ray")
     assert a.paths == b.paths == [str(p) for p in paths] and a.errors == b.errors
     assert torch.allclose(a.feats, b.feats, atol=1e-5) and b.feats[:-1].norm(dim=-1).min() > 0.999
@@ -143,7 +143,7 @@ def test_ray_features_are_the_single_machine_parts(cluster, clf, tmp_path):
 def test_ray_finishes_a_folder_an_interrupted_run_left_computing_only_the_missing_parts(cluster, clf, tmp_path,
                                                                                       monkeypatch):
     paths = images(tmp_path, 50)
-    real_write, written = feature_folder.FeatureFolder.write, []
+    real_write, written = PartFolder.write, []
 
     def dies_after_two_parts(self, part, *args):
         if len(written) == 2:
@@ -151,17 +151,17 @@ def test_ray_finishes_a_folder_an_interrupted_run_left_computing_only_the_missin
         written.append(part)
         real_write(self, part, *args)
 
-    monkeypatch.setattr(feature_folder.FeatureFolder, "write", dies_after_two_parts)
-    cmd = ["features", *map(str, paths), "--out", str(tmp_path / "f"), "--backbone", clf.backbone.name, "--chunk", "8",
+    monkeypatch.setattr(PartFolder, "write", dies_after_two_parts)
+    cmd = ["features", *map(str, paths), "--out", str(tmp_path / "f"), "--backbone", clf.backbone.name, "--part-size", "8",
            "--no-progress"]
     assert main(cmd) == 130  # interrupted
-    monkeypatch.setattr(feature_folder.FeatureFolder, "write", real_write)
+    monkeypatch.setattr(PartFolder, "write", real_write)
     before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "f").glob("part-*.parquet")}
     assert len(before) == 2
     assert main(cmd + ["--engine", "ray", "--workers", "1", "--batch-size", "4"]) == 0
     after = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "f").glob("part-*.parquet")}
     assert len(after) == 7 and all(after[n] == t for n, t in before.items())  # the finished parts were kept
-    write_features(clf.backbone, paths, tmp_path / "g", chunk=8, show_progress=False)
+    write_features(clf.backbone, paths, tmp_path / "g", part_size=8, ctx=QUIET)
     a, b = read_features(tmp_path / "f"), read_features(tmp_path / "g")
     assert a.paths == b.paths and a.errors == b.errors and torch.allclose(a.feats, b.feats, atol=1e-5)
 
@@ -173,27 +173,27 @@ def test_a_batch_of_only_unreadable_images_and_relative_paths_work_on_ray(cluste
         shutil.copy(f, tmp_path / "imgs" / f.name)
     (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"not an image")
     paths = [f"imgs/{f.name}" for f in sorted((tmp_path / "imgs").iterdir())]  # 8 images, then one broken: alone in
-    report = features_on_ray(clf.backbone, paths, "f", chunk=16, workers=1, batch_size=8,  # the second batch
-                             show_progress=False)
-    assert [p for p, _ in report.unreadable] == ["imgs/zz-broken.jpg"]
+    report = features_on_ray(clf.backbone, paths, "f", part_size=16, workers=1, batch_size=8,  # the second batch
+                             ctx=QUIET)
+    assert [p for p, _ in report.unreadable_files] == ["imgs/zz-broken.jpg"]
     stored = read_features("f")
     assert stored.paths == paths and stored.feats[:8].norm(dim=-1).min() > 0.999
-    label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=1, batch_size=8, show_progress=False)
-    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
+    label_on_ray(clf, paths, tmp_path / "ray.jsonl", workers=1, batch_size=8, ctx=QUIET)
+    label(clf, paths, tmp_path / "one.jsonl", ctx=QUIET)
     same_rows(rows(tmp_path / "one.jsonl"), rows(tmp_path / "ray.jsonl"))
 
 
-def test_a_shard_written_for_another_list_of_images_is_labelled_again(cluster, clf, tmp_path, monkeypatch):
-    import protext.distributed as distributed
-    from protext.label import start_job
+def test_parts_written_for_another_list_of_images_are_refused_on_either_engine(cluster, clf, tmp_path):
+    from protext.label import open_parts
 
-    monkeypatch.setattr(distributed, "SHARD", 4)
     paths = [str(p) for p in collect([CIFAR])[:10]]
     out = tmp_path / "labels.jsonl"
-    _, _, parts = start_job(clf, paths, out, 3, None, "softmax", {})
-    stale = [{"path": p, "label": "cat", "prob": 1.0, "top_labels": ["cat"], "top_probs": [1.0], "error": None}
-             for p in [str(q) for q in collect([CIFAR])[20:24]]]  # shard 0 of a run over other images
-    parts.write_shard(0, stale)
-    label_on_ray(clf, paths, out, workers=1, batch_size=4, show_progress=False)
-    label(clf, paths, tmp_path / "one.jsonl", show_progress=False)
-    same_rows(rows(tmp_path / "one.jsonl"), rows(out))
+    other = [str(q) for q in collect([CIFAR])[20:24]]
+    folder = open_parts(clf, other, out, 3, None, "softmax", 4)  # part 0 of a run over other images
+    folder.write(0, b'{"path": "x"}\n', 1, 0)
+    for run in (lambda: label_on_ray(clf, paths, out, workers=1, batch_size=4, part_size=4, ctx=QUIET),
+                lambda: label(clf, paths, out, part_size=4, ctx=QUIET)):
+        with pytest.raises(ProtextError, match="labels.jsonl.parts holds parts of another list of images "
+                                               "\\(4 images then, 10 now"):
+            run()
+    assert folder.done(0) and not out.exists()  # nothing was changed by the refusals

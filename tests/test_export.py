@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from support import ROOT, SHARED
 
 import protext.export as export_module
+from protext.context import Context
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.errors import ProtextError
@@ -19,7 +20,7 @@ CLASSES = ["airplane", "cat", "frog", "ship"]
 
 @pytest.fixture(scope="module")
 def clf(prompts_dir, tmp_path_factory):
-    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("cache"))
+    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path_factory.mktemp("cache"), "cpu"))
 
 
 def readme_example() -> str:
@@ -72,7 +73,7 @@ def test_onnx_model_gives_the_classifiers_logits_on_the_shared_images(clf, tmp_p
 
 
 def test_an_onnx_model_that_disagrees_with_pytorch_writes_nothing(clf, tmp_path, monkeypatch):
-    other = ProTextClassifier(clf.backbone, list(reversed(CLASSES)), prompts=clf.heads.prompts)
+    other = ProTextClassifier(clf.backbone, list(reversed(CLASSES)), inputs=clf.inputs)
     real = export_module.onnx_model
     monkeypatch.setattr(export_module, "onnx_model", lambda module, example: real(export_module.PixelsToLogits(other), example))
     with pytest.raises(ProtextError, match="ONNX model's logits differ from PyTorch's by up to .*nothing was written"):

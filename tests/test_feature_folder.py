@@ -9,14 +9,16 @@ import pytest
 import torch
 from support import SHARED
 
-import protext.feature_folder as feature_folder
 from protext.backbone import load_backbone
 from protext.classifier import ProTextClassifier
 from protext.cli import main
+from protext.context import QUIET, Context
 from protext.errors import ProtextError
 from protext.feature_folder import read_features, write_features
 from protext.images import load_pixels
-from protext.label import collect, label
+from protext.parts import PartFolder
+from protext.engine import collect
+from protext.label import label
 
 CLASSES = ["airplane", "cat", "frog", "ship"]
 CIFAR = SHARED / "images" / "cifar10_test_sample"
@@ -41,9 +43,9 @@ def tower_features(backbone, paths):
 
 
 def test_features_are_the_image_towers_in_parquet_parts_of_chunk_images(backbone, paths, tmp_path):
-    report = write_features(backbone, paths, tmp_path / "f", batch_size=8, chunk=16, show_progress=False)
-    assert (report.images, report.computed, report.reused) == (len(paths), len(paths), 0)
-    assert [p for p, _ in report.unreadable] == [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]
+    report = write_features(backbone, paths, tmp_path / "f", batch_size=8, part_size=16, ctx=QUIET)
+    assert (report.images, report.processed, report.reused) == (len(paths), len(paths), 0)
+    assert [p for p, _ in report.unreadable_files] == [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]
     parts = sorted((tmp_path / "f").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
     table = pq.read_table(parts[0])
@@ -64,7 +66,7 @@ def test_features_are_the_image_towers_in_parquet_parts_of_chunk_images(backbone
 
 def test_a_rerun_after_a_failure_computes_only_the_missing_parts(backbone, paths, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_write = feature_folder.FeatureFolder.write
+    real_write = PartFolder.write
 
     def dies_after_two_parts(self, *args):
         if calls["n"] == 2:
@@ -72,47 +74,47 @@ def test_a_rerun_after_a_failure_computes_only_the_missing_parts(backbone, paths
         calls["n"] += 1
         real_write(self, *args)
 
-    monkeypatch.setattr(feature_folder.FeatureFolder, "write", dies_after_two_parts)
+    monkeypatch.setattr(PartFolder, "write", dies_after_two_parts)
     with pytest.raises(KeyboardInterrupt):
-        write_features(backbone, paths, tmp_path / "f", chunk=10, show_progress=False)
+        write_features(backbone, paths, tmp_path / "f", part_size=10, ctx=QUIET)
     assert len(list((tmp_path / "f").glob("part-*.parquet"))) == 2 and not (tmp_path / "f" / "_summary.json").exists()
     with pytest.raises(ProtextError, match="unfinished"):
         read_features(tmp_path / "f")
-    monkeypatch.setattr(feature_folder.FeatureFolder, "write", real_write)
-    report = write_features(backbone, paths, tmp_path / "f", chunk=10, show_progress=False)
-    assert (report.computed, report.reused) == (len(paths) - 20, 20)
-    whole = write_features(backbone, paths, tmp_path / "g", chunk=10, show_progress=False)
-    assert whole.computed == len(paths)
+    monkeypatch.setattr(PartFolder, "write", real_write)
+    report = write_features(backbone, paths, tmp_path / "f", part_size=10, ctx=QUIET)
+    assert (report.processed, report.reused) == (len(paths) - 20, 20)
+    whole = write_features(backbone, paths, tmp_path / "g", part_size=10, ctx=QUIET)
+    assert whole.processed == len(paths)
     a, b = read_features(tmp_path / "f"), read_features(tmp_path / "g")
     assert a.paths == b.paths and a.errors == b.errors and torch.equal(a.feats, b.feats)
 
 
 def test_other_settings_or_inputs_are_refused_before_any_image_is_read(backbone, paths, tmp_path):
-    write_features(backbone, paths[:5], tmp_path / "f", chunk=4, show_progress=False)
-    with pytest.raises(ProtextError, match="chunk differ"):
-        write_features(backbone, paths[:5], tmp_path / "f", chunk=8, show_progress=False)
+    write_features(backbone, paths[:5], tmp_path / "f", part_size=4, ctx=QUIET)
+    with pytest.raises(ProtextError, match="part_size differ"):
+        write_features(backbone, paths[:5], tmp_path / "f", part_size=8, ctx=QUIET)
     with pytest.raises(ProtextError, match="another list of images \\(5 images then, 6 now"):
-        write_features(backbone, paths[:6], tmp_path / "f", chunk=4, show_progress=False)
+        write_features(backbone, paths[:6], tmp_path / "f", part_size=4, ctx=QUIET)
     with pytest.raises(ProtextError, match="--workers must be at least 1"):
-        write_features(backbone, paths[:5], tmp_path / "f", chunk=4, workers=0, show_progress=False)
+        write_features(backbone, paths[:5], tmp_path / "f", part_size=4, workers=0, ctx=QUIET)
     (tmp_path / "f" / ".part-000001.parquet.x1.tmp").write_bytes(b"half a part")  # a writer killed mid-part
-    write_features(backbone, paths[:5], tmp_path / "f", chunk=4, show_progress=False)
+    write_features(backbone, paths[:5], tmp_path / "f", part_size=4, ctx=QUIET)
     assert not list((tmp_path / "f").glob(".*.tmp"))
     (tmp_path / "early").mkdir()  # settings written, then the first run died before any part
-    (tmp_path / "early" / "_settings.json").write_text('{"chunk": 99}')
-    write_features(backbone, paths[:5], tmp_path / "early", chunk=4, show_progress=False)
-    assert read_features(tmp_path / "early").info["chunk"] == 4
-    with pytest.raises(ProtextError, match="--chunk must be at least 1"):
-        write_features(backbone, paths, tmp_path / "g", chunk=0, show_progress=False)
+    (tmp_path / "early" / "_settings.json").write_text('{"part_size": 99}')
+    write_features(backbone, paths[:5], tmp_path / "early", part_size=4, ctx=QUIET)
+    assert read_features(tmp_path / "early").info["part_size"] == 4
+    with pytest.raises(ProtextError, match="--part-size must be at least 1"):
+        write_features(backbone, paths, tmp_path / "g", part_size=0, ctx=QUIET)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ProtextError, match="is a file"):
-        write_features(backbone, paths, tmp_path / "file", show_progress=False)
+        write_features(backbone, paths, tmp_path / "file", ctx=QUIET)
     with pytest.raises(ProtextError, match="not a feature folder"):
         read_features(tmp_path)
     (tmp_path / "spark").mkdir()
     (tmp_path / "spark" / "part-00000-1a2b.snappy.parquet").write_bytes(b"someone else's data")
     with pytest.raises(ProtextError, match="did not write"):
-        write_features(backbone, paths, tmp_path / "spark", show_progress=False)
+        write_features(backbone, paths, tmp_path / "spark", ctx=QUIET)
     assert (tmp_path / "spark" / "part-00000-1a2b.snappy.parquet").read_bytes() == b"someone else's data"
 
 
@@ -134,7 +136,7 @@ def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tm
         collect([f"{base}/sub/empty"])
     assert main(["features", uris[0], "--out", "s3://bucket/feats"]) == 2
     assert "--out s3://bucket/feats" in capsys.readouterr().err
-    write_features(backbone, uris + ["file:///no/such/image.jpg"], tmp_path / "f", show_progress=False)
+    write_features(backbone, uris + ["file:///no/such/image.jpg"], tmp_path / "f", ctx=QUIET)
     stored = read_features(tmp_path / "f")
     assert stored.errors[:-1] == [None] * len(uris) and "FileNotFoundError" in stored.errors[-1]
     assert torch.allclose(stored.feats[:-1], tower_features(backbone, local), atol=1e-5)
@@ -142,7 +144,7 @@ def test_file_uris_are_read_through_pyarrow_like_local_paths(backbone, paths, tm
 
 def test_label_from_stored_features_gives_the_rows_of_label_from_images(prompts_dir, tiny_folder, paths, tmp_path):
     assert main(["features", *map(str, paths), "--out", str(tmp_path / "f"), "--backbone", str(tiny_folder),
-                 "--chunk", "16", "--no-progress"]) == 0
+                 "--part-size", "16", "--no-progress"]) == 0
     args = ["--prompts", str(prompts_dir), "--classes", ",".join(CLASSES), "--top-k", "2", "--no-progress"]
     assert main(["label", "--features", str(tmp_path / "f"), "--output", str(tmp_path / "a.jsonl"), *args]) == 0
     assert main(["label", *map(str, paths), "--output", str(tmp_path / "b.jsonl"), *args]) == 0
@@ -154,20 +156,20 @@ def test_label_from_stored_features_gives_the_rows_of_label_from_images(prompts_
 
 
 def test_label_features_refuses_another_image_tower_and_mixed_inputs(prompts_dir, backbone, paths, tmp_path, capsys):
-    write_features(backbone, paths[:4], tmp_path / "f", show_progress=False)
-    clf = ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path / "c")
-    stored = read_features(tmp_path / "f")
-    stored.info["image_tower"] = "0" * 16  # as if another model had made them
+    write_features(backbone, paths[:4], tmp_path / "f", ctx=QUIET)
+    clf = ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path / "c", "cpu"))
+    summary = json.loads((tmp_path / "f" / "_summary.json").read_text())
+    (tmp_path / "f" / "_summary.json").write_text(json.dumps({**summary, "image_tower": "0" * 16}))  # another model's
     from protext.label import label_features
 
     with pytest.raises(ProtextError, match="other image weights"):
-        label_features(clf, stored, tmp_path / "x.jsonl")
+        label_features(clf, tmp_path / "f", tmp_path / "x.jsonl")
     code = main(["label", str(paths[0]), "--features", str(tmp_path / "f"), "--classes", "a,b", "--output",
                  str(tmp_path / "y.jsonl")])
     assert code == 2 and "give no image PATHs" in capsys.readouterr().err
     assert main(["label", "--classes", "a,b", "--output", str(tmp_path / "y.jsonl")]) == 2
     assert "--features DIR" in capsys.readouterr().err
-    label(clf, paths[:2], tmp_path / "z.jsonl", show_progress=False)  # the image path still works beside it
+    label(clf, paths[:2], tmp_path / "z.jsonl", ctx=QUIET)  # the image path still works beside it
 
 
 def test_without_ray_or_pyarrow_the_commands_say_what_to_install(monkeypatch, tmp_path, capsys):

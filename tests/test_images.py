@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 from support import SHARED
 
+from protext.context import Context
 from protext.backbone import CLIP_MEAN, CLIP_STD
-from protext.datasets import image_folder
-from protext.features import extract
+from protext.training.datasets import image_folder
+from protext.training.evaluate import extract
 from protext.images import UnreadableImage, load_pixels, open_image, preprocess, to_rgb
 
 
@@ -75,7 +76,7 @@ def test_corrupt_and_truncated_files_are_skipped_and_listed(tiny, tmp_path, shar
     (root / "cat" / "not_an_image.jpg").write_text("hello")
     Image.fromarray(np.zeros((9, 9), np.uint16)).save(root / "cat" / "deep.png")
     Image.new("CMYK", (50, 40)).save(root / "dog" / "cmyk.jpg")
-    feats = extract(tiny, image_folder(root), tmp_path / "cache", show_progress=False)
+    feats = extract(tiny, image_folder(root), Context(tmp_path / "cache", progress=False))
     assert len(feats.labels) == 4
     assert sorted(p.split("/")[-1] for p, _ in feats.skipped) == ["not_an_image.jpg", "truncated.jpg"]
     assert all(reason for _, reason in feats.skipped)
@@ -93,7 +94,7 @@ def _bomb_folder(root, monkeypatch):
 
 def test_decompression_bomb_is_skipped_and_listed_by_extract(tiny, tmp_path, monkeypatch):
     root = _bomb_folder(tmp_path / "imgs", monkeypatch)
-    feats = extract(tiny, image_folder(root), tmp_path / "cache", show_progress=False, workers=2)
+    feats = extract(tiny, image_folder(root), Context(tmp_path / "cache", progress=False), workers=2)
     assert len(feats.labels) == 2 and feats.labels.tolist() == [0, 1]
     assert [p.split("/")[-1] for p, _ in feats.skipped] == ["bomb.png"]
     assert feats.skipped[0][1].startswith("DecompressionBombError: ")
@@ -131,8 +132,8 @@ def test_image_cache_is_keyed_by_the_vision_weights(tmp_path):
             p.normal_(0, 0.02, generator=gen)
     assert new.name == old.name and new.fingerprint() == old.fingerprint()
     assert new.image.fingerprint() != old.image.fingerprint()
-    first = extract(old, ds, tmp_path / "cache", show_progress=False)
-    second = extract(new, ds, tmp_path / "cache", show_progress=False)
+    first = extract(old, ds, Context(tmp_path / "cache", progress=False))
+    second = extract(new, ds, Context(tmp_path / "cache", progress=False))
     assert not torch.allclose(first.feats, second.feats, atol=1e-3)
     tower = new.image
     pixels = torch.stack([load_pixels(p, tower.image_size, tower.mean, tower.std) for p, _ in ds.samples])

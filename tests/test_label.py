@@ -11,8 +11,10 @@ from support import SHARED
 
 from protext.classifier import ProTextClassifier
 from protext.cli import main
+from protext.context import QUIET, Context
 from protext.errors import ProtextError
-from protext.label import collect, label
+from protext.engine import collect
+from protext.label import label
 
 CLASSES = ["airplane", "cat", "frog", "ship"]
 CIFAR = SHARED / "images" / "cifar10_test_sample"
@@ -20,7 +22,7 @@ CIFAR = SHARED / "images" / "cifar10_test_sample"
 
 @pytest.fixture(scope="module")
 def clf(prompts_dir, tmp_path_factory):
-    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, device="cpu", cache_dir=tmp_path_factory.mktemp("cache"))
+    return ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path_factory.mktemp("cache"), "cpu"))
 
 
 def csv_rows(path):
@@ -58,10 +60,10 @@ def test_label_writes_the_classifiers_top_k_for_every_image_in_three_formats(clf
     outputs = {}
     for suffix in (".jsonl", ".csv", ".parquet"):
         out = tmp_path / f"labels{suffix}"
-        report = label(clf, paths, out, top_k=2, batch_size=8, chunk=7, show_progress=False)
-        assert (report.images, report.labelled, report.reused) == (len(paths), len(paths), 0)
-        assert [p for p, _ in report.unreadable] == [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]
-        assert report.unreadable[1][1].startswith("FileNotFoundError")
+        report = label(clf, paths, out, top_k=2, batch_size=8, part_size=7, ctx=QUIET)
+        assert (report.images, report.processed, report.reused) == (len(paths), len(paths), 0)
+        assert [p for p, _ in report.unreadable_files] == [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png")]
+        assert report.unreadable_files[1][1].startswith("FileNotFoundError")
         assert not (tmp_path / f"labels{suffix}.parts").exists()  # the chunks are gone once the file is whole
         outputs[suffix] = (jsonl_rows(out) if suffix == ".jsonl" else csv_rows(out) if suffix == ".csv"
                            else pq.read_table(out).to_pylist())
@@ -77,9 +79,9 @@ def test_label_writes_the_classifiers_top_k_for_every_image_in_three_formats(clf
 
 def test_min_prob_marks_uncertain_images_unknown_and_keeps_the_top_labels(clf, tmp_path):
     paths = sorted((CIFAR / "ship").iterdir())
-    plain = jsonl_rows(label(clf, paths, tmp_path / "a.jsonl", show_progress=False).output)
+    plain = jsonl_rows(label(clf, paths, tmp_path / "a.jsonl", ctx=QUIET).output)
     threshold = sorted(r["prob"] for r in plain)[len(plain) // 2]
-    marked = jsonl_rows(label(clf, paths, tmp_path / "b.jsonl", min_prob=threshold, show_progress=False).output)
+    marked = jsonl_rows(label(clf, paths, tmp_path / "b.jsonl", min_prob=threshold, ctx=QUIET).output)
     unknown = [m for m in marked if m["label"] == "unknown"]
     assert 0 < len(unknown) < len(marked)
     for p, m in zip(plain, marked):
@@ -87,18 +89,19 @@ def test_min_prob_marks_uncertain_images_unknown_and_keeps_the_top_labels(clf, t
         assert m["top_labels"] == p["top_labels"] and m["prob"] == p["prob"]
     clf_unknown = ProTextClassifier(clf.backbone, ["cat", "Unknown"], head="clip")
     with pytest.raises(ProtextError, match="class is named 'unknown'"):
-        label(clf_unknown, paths, tmp_path / "c.jsonl", min_prob=0.5, show_progress=False)
+        label(clf_unknown, paths, tmp_path / "c.jsonl", min_prob=0.5, ctx=QUIET)
 
 
 SLOW_WRITER = """
 import sys, time
-import protext.label as label_module
-write = label_module.Parts.write
-def slow(self, rows):
-    write(self, rows)
+import protext.parts as parts
+write = parts.PartFolder.write
+def slow(self, *args):
+    write(self, *args)
     time.sleep(0.5)
-label_module.Parts.write = slow
+parts.PartFolder.write = slow
 from protext.cli import main
+from protext.context import QUIET, Context
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -106,7 +109,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_run_killed_with_sigkill_resumes_with_only_the_images_not_yet_written(prompts_dir, tmp_path, capsys):
     paths = [str(CIFAR / c) for c in ("airplane", "cat", "frog")]  # 30 images, chunks of 4
     common = ["--classes", ",".join(CLASSES), "--prompts", str(prompts_dir), "--cache-dir", str(tmp_path / "cache"),
-              "--no-progress", "--chunk", "4", "--batch-size", "2", "--top-k", "2"]
+              "--no-progress", "--part-size", "4", "--batch-size", "2", "--top-k", "2"]
     out = tmp_path / "run.jsonl"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "label", *paths, "--output", str(out), *common],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -121,11 +124,11 @@ def test_a_run_killed_with_sigkill_resumes_with_only_the_images_not_yet_written(
 
     assert main(["label", *paths, "--output", str(out), *common[:-1], "3"]) == 2  # other settings: refused
     err = capsys.readouterr().err
-    assert "run.jsonl.parts holds an unfinished run with other settings (top_k differ)" in err
+    assert "run.jsonl.parts holds parts made with other settings (top_k differ" in err
 
     assert main(["label", *paths, "--output", str(out), *common]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["reused"] == 4 * written and report["labelled"] == 30 - 4 * written and report["images"] == 30
+    assert report["reused"] == 4 * written and report["processed"] == 30 - 4 * written and report["images"] == 30
     assert main(["label", *paths, "--output", str(tmp_path / "clean.jsonl"), *common]) == 0
     resumed, clean = jsonl_rows(out), jsonl_rows(tmp_path / "clean.jsonl")
     assert [r["path"] for r in resumed] == [r["path"] for r in clean] and len(clean) == 30
@@ -146,7 +149,7 @@ def test_label_command_writes_csv_lists_unreadable_files_and_refuses_bad_argumen
     for args, message in (
         (["--output", str(tmp_path / "o.txt")], "--output .*o.txt: unknown format '.txt'; end the file name with .jsonl"),
         (["--output", str(tmp_path / "o.jsonl"), "--min-prob", "2"], "--min-prob must be between 0 and 1"),
-        (["--output", str(tmp_path / "o.jsonl"), "--scores", "sigmoid"], "sigmoid scores need"),
+        (["--output", str(tmp_path / "o.jsonl"), "--activation", "sigmoid"], "sigmoid probabilities need"),
         (["--output", str(tmp_path / "o.jsonl"), "--top-k", "0"], "--top-k must be at least 1"),
     ):
         assert main(["label", str(CIFAR / "ship"), *args, *base]) == 2

@@ -75,7 +75,10 @@ def test_context_initialisation_rules(tiny):
     assert prompted_text("a photo of a {}, a type of pet.", "pug", "X X") == "X X pug, a type of pet."
     assert prompted_text("{} texture.", "bumpy", "a photo of a") == "a photo of a bumpy texture."
     with pytest.raises(ProtextError, match="tokens for this tokenizer"):
-        ProText.create(tiny, n_ctx=3, depth=1, init="a photo of a")
+        ProText.create(tiny, n_ctx=3, depth=1, init="words", init_words="a photo of a")
+    with pytest.raises(ProtextError, match="init must be one of words, random, got 'a photo of' "
+                                           "\\(the words go in init_words\\)"):
+        ProText.create(tiny, n_ctx=3, depth=1, init="a photo of")
     with pytest.raises(ProtextError, match="n_ctx is 16; use n_ctx=4, or init='random'"):
         ProText.create(tiny, n_ctx=16, depth=1)  # no silent switch to random
     with pytest.raises(ProtextError, match="depth"):
@@ -207,11 +210,24 @@ def test_outputs_respect_the_umask(tiny, tmp_path):
 def test_config_from_a_newer_protext_loads_with_a_warning(tiny, tmp_path):
     ProText.create(tiny, depth=2).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert cfg["format_version"] == 1
-    cfg.update(format_version=2, some_new_key={"x": 1})
+    assert cfg["format_version"] == 2 and (cfg["init"], cfg["init_words"]) == ("words", "a photo of a")
+    cfg.update(format_version=3, some_new_key={"x": 1})
     (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.warns(UserWarning, match="newer protext.*some_new_key"):
         ProText.from_pretrained(tmp_path, backbone=tiny)
+
+
+def test_config_of_an_earlier_protext_reads_init_in_todays_words(tiny, tmp_path):
+    """Format 1 kept the words themselves in `init` (or "random", or null in 0.1)."""
+    before = ProText.create(tiny, depth=2).save_pretrained(tmp_path / "a")
+    for old, want in (("a photo of a", ("words", "a photo of a")), ("random", ("random", "a photo of a")),
+                      (None, ("random", "a photo of a"))):
+        cfg = json.loads((before / CONFIG_FILE).read_text())
+        cfg.pop("init_words", None)
+        cfg.update(format_version=1, init=old)
+        (before / CONFIG_FILE).write_text(json.dumps(cfg))
+        loaded = ProText.from_pretrained(before, backbone=tiny)
+        assert (loaded.config.init, loaded.config.init_words) == want and loaded.config.format_version == 2
 
 
 def test_reports_are_strict_json():

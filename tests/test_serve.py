@@ -20,6 +20,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from support import SHARED
 
+from protext.context import Context
+from protext.heads import HeadInputs
 from protext.api import create_app
 from protext.backbone import load_backbone
 from protext.classifier import ProTextClassifier
@@ -60,21 +62,21 @@ def png_header(width, height):
 
 def test_classify_answers_as_the_classifier_and_encodes_each_label_set_once(prompts, tmp_path):
     backbone = prompts.backbone
-    service = Service(backbone, prompts, {"cifar": CLASSES}, cache_dir=tmp_path)
+    service = Service(backbone, HeadInputs(prompts), {"cifar": CLASSES}, ctx=Context(tmp_path))
     files = sorted((CIFAR / "cat").iterdir())[:3]
     labels = ["dog", "cat", "ship"]
     with TestClient(create_app(service)) as client:
         r = client.post("/v1/classify", files=uploads(files), data={"labels": labels, "top_k": "2"})
         assert r.status_code == 200 and r.json()["head"] == "protext" and r.json()["label_set"] is None
         assert [x["image"] for x in r.json()["results"]] == [f.name for f in files]
-        assert_same_top(tops(r.json()), ProTextClassifier(backbone, labels, prompts=prompts).predict(files).top(2))
+        assert_same_top(tops(r.json()), ProTextClassifier(backbone, labels, inputs=HeadInputs(prompts)).predict(files).top(2))
         assert client.get("/healthz").json()["label_sets_encoded"] == 1
         r = client.post("/v1/classify", files=uploads(files[:1]), data={"labels": labels})
         assert r.status_code == 200 and client.get("/healthz").json()["label_sets_encoded"] == 1  # not encoded again
 
         r = client.post("/v1/classify", files=uploads(files))  # no labels: the first set loaded at start
         assert r.json()["label_set"] == "cifar" and all(len(x["top"]) == 4 for x in r.json()["results"])  # top 5 of 4
-        assert_same_top(tops(r.json()), ProTextClassifier(backbone, CLASSES, prompts=prompts).predict(files).top(4))
+        assert_same_top(tops(r.json()), ProTextClassifier(backbone, CLASSES, inputs=HeadInputs(prompts)).predict(files).top(4))
         r = client.post("/v1/classify", files=uploads(files), data={"label_set": "cifar", "head": "clip", "top_k": "3"})
         assert r.json()["head"] == "clip"
         assert_same_top(tops(r.json()), ProTextClassifier(backbone, CLASSES, head="clip").predict(files).top(3))
@@ -90,7 +92,7 @@ def test_classify_answers_as_the_classifier_and_encodes_each_label_set_once(prom
 
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(prompts, tmp_path):
     limits = Limits(max_upload_mb=0.05, max_images=2, max_labels=3, max_label_chars=20, max_pixels=100_000)
-    service = Service(prompts.backbone, prompts, {"cifar": CLASSES[:3]}, limits=limits, cache_dir=tmp_path)
+    service = Service(prompts.backbone, HeadInputs(prompts), {"cifar": CLASSES[:3]}, limits=limits, ctx=Context(tmp_path))
     good = sorted((CIFAR / "frog").iterdir())[0]
     big = tmp_path / "big.png"
     Image.new("RGB", (400, 400), (10, 200, 30)).save(big)  # 160,000 pixels, a small file
@@ -110,7 +112,7 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(prompts,
         ({"files": uploads([good]), "data": {"label_set": "cifar", "labels": ["a"]}}, 400, "not both"),
         ({"files": uploads([good]), "data": {"top_k": "0"}}, 400, "top_k must be at least 1"),
         ({"files": uploads([good]), "data": {"top_k": "many"}}, 422, "top_k: Input should be a valid integer"),
-        ({"files": uploads([good]), "data": {"scores": "sigmoid"}}, 400, "sigmoid scores need"),
+        ({"files": uploads([good]), "data": {"activation": "sigmoid"}}, 400, "sigmoid probabilities need"),
         ({"data": {"labels": ["cat"]}}, 422, "images: Field required"),
     ]
     with TestClient(create_app(service)) as client:
@@ -129,7 +131,7 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(prompts,
 
 
 def test_an_internal_error_is_a_json_500_that_names_nothing_and_the_next_request_works(prompts, tmp_path, monkeypatch):
-    service = Service(prompts.backbone, prompts, {"cifar": CLASSES}, cache_dir=tmp_path)
+    service = Service(prompts.backbone, HeadInputs(prompts), {"cifar": CLASSES}, ctx=Context(tmp_path))
     real, failing = service.image_features, [True]
 
     def flaky(pixels):
@@ -181,14 +183,14 @@ def test_batcher_shares_forward_passes_between_callers_and_bounds_its_queue():
 
 
 def test_openapi_schema_documents_the_api(prompts, tmp_path):
-    with TestClient(create_app(Service(prompts.backbone, prompts, cache_dir=tmp_path))) as client:
+    with TestClient(create_app(Service(prompts.backbone, HeadInputs(prompts), ctx=Context(tmp_path)))) as client:
         schema = client.get("/openapi.json").json()
         assert client.get("/docs").status_code == 404  # its page loads scripts from a CDN
     assert set(schema["paths"]) == {"/v1/classify", "/v1/label-sets", "/healthz"}
     post = schema["paths"]["/v1/classify"]["post"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
     form = schema["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]] if "$ref" in form else form
-    assert set(form["properties"]) == {"images", "labels", "label_set", "head", "top_k", "scores"}
+    assert set(form["properties"]) == {"images", "labels", "label_set", "head", "top_k", "activation"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(post["responses"])
     assert "ErrorBody" in schema["components"]["schemas"] and "Classified" in schema["components"]["schemas"]
 
@@ -267,7 +269,7 @@ def test_real_server_batches_concurrent_requests_and_answers_as_the_classifier(s
     with local_client() as client:
         after = client.get(server + "/healthz").json()
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    want = ProTextClassifier.from_prompts(prompts_dir, labels, device="cpu").predict(files).top(3)
+    want = ProTextClassifier.from_prompts(prompts_dir, labels, Context(device="cpu")).predict(files).top(3)
     assert_same_top([tops(a.json())[0] for a in answers], want)
     passes = after["batching"]["forward_passes"] - before["batching"]["forward_passes"]
     assert after["batching"]["images"] - before["batching"]["images"] == len(files)

@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 from support import CUPL, SHARED, block_by_hand, make_coop_tree, plain_loss, tanh_gelu
 
+from protext.context import Context
 from protext.backbone import from_model, load_backbone
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.descriptions import pairs
 from protext.errors import ProtextError
-from protext.features import encode_texts
+from protext.feature_cache import encode_texts
 from protext.images import NaFlex, open_image, preprocess, to_rgb
 from protext.model import ProText
 from protext.text_encoder import Siglip2Text, SiglipText, pad, siglip_clean
 from protext.tiny import _build_siglip, save_tiny_siglip, tiny_clip, tiny_siglip
-from protext.train import TrainConfig, batch_loss
+from protext.training.train import TrainConfig, batch_loss
 
 VARIANTS = ["siglip", "siglip2", "siglip2-naflex"]
 NAMES = ["cat", "tench", "great white shark", "Annual Crop Land"]
@@ -134,8 +135,8 @@ def test_fast_step_equals_plain_step(variant, eurosat, tmp_path):
     with torch.no_grad():
         fast.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         plain.prompts.copy_(fast.prompts)
-    cached = encode_texts(backbone, texts, tmp_path, show_progress=False)
-    assert torch.equal(encode_texts(backbone, texts, tmp_path, show_progress=False), cached)  # from the cache
+    cached = encode_texts(backbone, texts, Context(tmp_path, progress=False))
+    assert torch.equal(encode_texts(backbone, texts, Context(tmp_path, progress=False)), cached)  # from the cache
     targets = cached[torch.tensor(txt_idx)]
     loss_fast = batch_loss(fast, fast.class_token_lists(classes), torch.tensor(cls_idx)[batch], targets[batch], cfg)
     loss_fast.backward()
@@ -207,19 +208,19 @@ def test_image_features_and_scores_are_the_models(variant, shared):
     feats, _, _ = clf.image_features(files)
     assert torch.allclose(feats, out.image_embeds, atol=1e-5)
     assert torch.allclose(clf.logits(feats), out.logits_per_image, atol=1e-4)
-    sigmoid, softmax = clf.predict(files, scores="sigmoid"), clf.predict(files)
-    assert (sigmoid.scores, softmax.scores) == ("sigmoid", "softmax")
+    sigmoid, softmax = clf.predict(files, activation="sigmoid"), clf.predict(files)
+    assert (sigmoid.activation, softmax.activation) == ("sigmoid", "softmax")
     assert torch.allclose(sigmoid.probs, out.logits_per_image.sigmoid(), atol=1e-5)
     assert torch.allclose(softmax.probs, out.logits_per_image.softmax(-1), atol=1e-5)
     assert torch.allclose(softmax.probs.sum(1), torch.ones(3)) and sigmoid.labels == softmax.labels
-    with pytest.raises(ProtextError, match="scores must be softmax or sigmoid"):
-        clf.predict(files, scores="tanh")
+    with pytest.raises(ProtextError, match="activation must be softmax or sigmoid"):
+        clf.predict(files, activation="tanh")
 
 
 def test_sigmoid_scores_are_refused_for_clip(tiny, shared):
     clf = ProTextClassifier(tiny, CLASSES, head="clip")
-    with pytest.raises(ProtextError, match="sigmoid scores need .*SigLIP.*'tiny-clip-0' has none"):
-        clf.predict(_sample_images()[:1], scores="sigmoid")
+    with pytest.raises(ProtextError, match="sigmoid probabilities need .*SigLIP.*'tiny-clip-0' has none"):
+        clf.predict(_sample_images()[:1], activation="sigmoid")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -274,10 +275,10 @@ def test_train_predict_eval_and_eval_text_commands(siglip_folder, tmp_path, caps
 
     images = [str(f) for f in sorted((SHARED / "images" / "cifar10_test_sample" / "cat").iterdir())[:2]]
     for scores in ("softmax", "sigmoid"):
-        assert main(["predict", "--prompts", str(tmp_path / "p"), "--classes", "cat,dog,frog", "--scores", scores,
+        assert main(["predict", "--prompts", str(tmp_path / "p"), "--classes", "cat,dog,frog", "--activation", scores,
                      "--cache-dir", str(tmp_path / "c"), *images]) == 0
         lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-        assert len(lines) == 2 and all(l["scores"] == scores for l in lines)
+        assert len(lines) == 2 and all(l["activation"] == scores for l in lines)
         total = sum(p for _, p in lines[0]["top"])
         assert total == pytest.approx(1.0, abs=1e-3) if scores == "softmax" else total != pytest.approx(1.0, abs=1e-3)
 
@@ -292,7 +293,7 @@ def test_train_predict_eval_and_eval_text_commands(siglip_folder, tmp_path, caps
                  "--set", "warmup_epochs=0", "--out", str(tmp_path / "et"), "--no-progress"]) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "et" / "eval_text.json").read_text())
-    assert set(report["base2novel"]) == {"eurosat_prompts_full"}
+    assert set(report["sets"]["base2novel"]) == {"eurosat_prompts_full"}
 
 
 def test_base2novel_protocol_end_to_end(siglip_folder, tmp_path, shared):
@@ -305,12 +306,13 @@ def test_base2novel_protocol_end_to_end(siglip_folder, tmp_path, shared):
                  "--set", "warmup_epochs=0", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "base2novel.json").read_text())["rows"]
-    assert [r["dataset"] for r in rows] == ["eurosat"] and len(rows[0]["protext"]) == 3
+    measured = [r for r in rows if r["source"] == "measured" and r["head"] == "protext"]
+    assert [(r["dataset"], r["split"]) for r in measured] == [("eurosat", "base"), ("eurosat", "novel"), ("eurosat", "all")]
 
 
 def test_naflex_predict_command(tmp_path, capsys, shared):
     folder = save_tiny_siglip(tmp_path / "naflex", seed=0, variant="siglip2-naflex")
     images = [str(f) for f in _sample_images()[8:11]]  # portrait, landscape and near-square
-    assert main(["predict", "--backbone", str(folder), "--classes", "cat,dog", "--scores", "sigmoid",
+    assert main(["predict", "--backbone", str(folder), "--classes", "cat,dog", "--activation", "sigmoid",
                  "--cache-dir", str(tmp_path / "c"), *images]) == 0
     assert [json.loads(l)["image"] for l in capsys.readouterr().out.splitlines()] == images

@@ -5,12 +5,13 @@ import torch
 from support import CUPL, DCLIP
 
 from protext.cli import main
-from protext.datasets import split_base_novel
+from protext.context import Context
+from protext.training.datasets import split_base_novel
 from protext.heads import ensemble
 from protext.metrics import harmonic_mean
 from protext.metrics import top1 as accuracy
-from protext.text_eval import TextEvaluator, hold_out, make_queries, markdown_base_to_novel, mask_class_name
-from protext.train import TrainConfig
+from protext.training.text_eval import TextEvaluator, hold_out, make_queries, markdown_base_to_novel, result_rows, mask_class_name
+from protext.training.train import TrainConfig
 
 
 @pytest.mark.parametrize("sentence, name, want", [
@@ -60,12 +61,13 @@ def test_queries_carry_labels_in_class_order():
 def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared):
     from protext.descriptions import load_descriptions
 
-    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=2, warmup_epochs=1, lr=0.005), cache_dir=tmp_path)
+    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=2, warmup_epochs=1, lr=0.005), Context(tmp_path, progress=False))
     r = ev.base_to_novel(load_descriptions(CUPL / "eurosat_prompts_full.json"), holdout=0.2, seed=1)
     assert r["classes"] == {"base": 5, "novel": 5}
     assert r["queries"] == {"base": 25, "novel": 125}
     for split in ("base", "novel", "hm"):
-        assert set(r[split]) == {"clip", "protext", "cupl", "waffle"}  # no DCLIP descriptors given: no dclip
+        # no DCLIP descriptors given: no dclip
+        assert set(r[split]) == {"clip", "clip80", "protext", "cupl", "waffle", "protext+cupl"}
         assert all(0 <= v <= 100 for v in r[split].values())
     assert r["novel"]["cupl"] == r["novel"]["clip"]
     assert all("thing" in e["masked"] for e in r["examples"])
@@ -73,6 +75,7 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
     x = ev.cross_dataset(load_descriptions(CUPL / "eurosat_prompts_full.json"),
                          {"pets": load_descriptions(CUPL / "pets_prompts_full.json"),
                           "cupl-dtd": load_descriptions(CUPL / "texture_prompts_full.json")})
+    assert set(x["pets"]["scores"]) == {"clip", "clip80", "waffle", "protext"}  # no descriptions of pets: no cupl
     assert x["pets"]["classes"] == 37 and x["pets"]["queries"] == 740
     # cross-dataset heads read the target dataset's inference template, as ProText's code does
     assert x["pets"]["template_text"] == "a photo of a {}, a type of pet."
@@ -84,10 +87,10 @@ def test_template_heads_score_the_given_template(tiny, tmp_path):
     data = {c: [f"A {c} is a thing with {w} parts." for w in ("red", "blue", "small", "round")]
             for c in ("cat", "dog", "car", "ship")}
     cfg = TrainConfig(depth=2, epochs=1, warmup_epochs=0, lr=0.001)
-    ev = TextEvaluator(tiny, cfg, cache_dir=tmp_path, template="{} texture.")
+    ev = TextEvaluator(tiny, cfg, Context(tmp_path, progress=False), template="{} texture.")
     model = ev.train_prompts(data)
     q = make_queries(data, list(data), "thing")
-    got = ev.score(q, list(data), model, None, "{} texture.")
+    got = ev.score(q, list(data), model, None, "{} texture.", None, "check")
     want = accuracy(ev.encode(q.texts), q.labels, ev.encode([f"{c} texture." for c in data]))
     assert got["clip"] == pytest.approx(want)
     assert ev.cross_dataset(data, {"pets": data})["pets"]["template_text"] == "{} texture."
@@ -111,8 +114,14 @@ def test_eval_text_command_writes_report(tiny_folder, tmp_path, capsys):
                  "--out", str(out), "--no-progress"])
     assert code == 0
     report = json.loads((out / "eval_text.json").read_text())
-    assert set(report["base2novel"]) == {"eurosat_prompts_full", "pets_prompts_full"}
-    assert set(report["cross_dataset"]) == {"eurosat_prompts_full", "pets_prompts_full"}
+    assert set(report["sets"]["base2novel"]) == {"eurosat_prompts_full", "pets_prompts_full"}
+    assert set(report["sets"]["cross-dataset"]) == {"eurosat_prompts_full", "pets_prompts_full"}
+    rows = report["rows"]
+    assert {(r["protocol"], r["split"], r["metric"]) for r in rows} == {
+        ("base2novel", "base", "top1"), ("base2novel", "novel", "top1"), ("base2novel", "all", "hm"),
+        ("cross-dataset", "test", "top1")}
+    assert all(r["prompts"] for r in rows if r["head"] == "protext")
+    assert (out / "eval_text.csv").read_text().count("\n") == len(rows) + 1
     md = (out / "eval_text.md").read_text()
     assert "| **mean** |" in md and "thing" in md
     assert 'read "a photo of a {}."' in md and "a photo of a {}, a type of pet." in md
@@ -132,8 +141,8 @@ def test_eval_text_keeps_sets_whose_files_share_a_name(tiny_folder, tmp_path, ca
                  "--no-progress"])
     assert code == 0
     report = json.loads((tmp_path / "r" / "eval_text.json").read_text())
-    assert set(report["base2novel"]) == {"a/set", "b/set"}
-    assert report["base2novel"]["a/set"]["classes"] == {"base": 5, "novel": 5}
+    assert set(report["sets"]["base2novel"]) == {"a/set", "b/set"}
+    assert report["sets"]["base2novel"]["a/set"]["classes"] == {"base": 5, "novel": 5}
 
 
 def test_eval_text_refuses_a_one_class_set_before_any_work(tiny_folder, tmp_path, capsys):
@@ -153,11 +162,12 @@ def test_dclip_and_waffle_heads_in_the_image_free_check(tiny, tmp_path):
 
     dtd = load_descriptions(CUPL / "texture_prompts_full.json")
     descriptors = load_descriptions(DCLIP / "descriptors_dtd.json", item="descriptor")
-    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=1, warmup_epochs=0), cache_dir=tmp_path,
+    ev = TextEvaluator(tiny, TrainConfig(depth=2, epochs=1, warmup_epochs=0), Context(tmp_path, progress=False),
                        waffle=Waffle(count=3, seed=1), descriptors={"dtd": descriptors})
     r = ev.base_to_novel(dtd, name="texture_prompts_full")
     assert {"dclip", "waffle"} <= set(r["hm"])  # dtd's descriptors cover every class: dclip runs
     other = ev.base_to_novel(load_descriptions(CUPL / "eurosat_prompts_full.json"), name="eurosat_prompts_full")
     assert "dclip" not in other["hm"] and "waffle" in other["hm"]  # no EuroSAT descriptors were given
-    md = markdown_base_to_novel({"dtd": r, "eurosat": other})
+    report = {"backbone": tiny.name, "sets": {"base2novel": {"dtd": r, "eurosat": other}}}
+    md = markdown_base_to_novel(result_rows(report))
     assert "dclip base / novel / HM" in md and "| eurosat |" in md and " – |" in md

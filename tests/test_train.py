@@ -12,14 +12,15 @@ import pytest
 import torch
 from support import CUPL, ROOT, plain_loss
 
+from protext.context import Context
 from protext.cache import load_tensors
 from protext.descriptions import pairs
 from protext.errors import ProtextError
-from protext.features import encode_texts, feature_store
+from protext.feature_cache import encode_texts, feature_store
 from protext.model import ProText
-from protext.train import TrainConfig, batch_loss, lr_at, make_config, train
+from protext.training.train import TrainConfig, batch_loss, lr_at, make_config, train
 
-train_module = importlib.import_module("protext.train")  # `protext.train` is also the function
+train_module = importlib.import_module("protext.training.train")  # `protext.training.train` is also the function
 
 
 def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
@@ -33,7 +34,7 @@ def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
         fast.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         plain.prompts.copy_(fast.prompts)
 
-    targets = encode_texts(tiny, texts, tmp_path, show_progress=False)[torch.tensor(txt_idx)]
+    targets = encode_texts(tiny, texts, Context(tmp_path, progress=False))[torch.tensor(txt_idx)]
     loss_fast = batch_loss(fast, fast.class_token_lists(classes), torch.tensor(cls_idx)[batch], targets[batch], cfg)
     loss_fast.backward()
 
@@ -49,13 +50,13 @@ def test_fast_step_equals_plain_step(tiny, eurosat, tmp_path):
 
 def test_targets_are_cached_and_reused(tiny, eurosat, tmp_path, monkeypatch):
     _, texts, _, _ = pairs(eurosat)
-    first = encode_texts(tiny, texts, tmp_path, show_progress=False)
+    first = encode_texts(tiny, texts, Context(tmp_path, progress=False))
     calls = []
     original = tiny.text.encode
     monkeypatch.setattr(tiny.text, "encode", lambda t, **k: calls.append(len(t)) or original(t, **k))
-    again = encode_texts(tiny, texts, tmp_path, show_progress=False)
+    again = encode_texts(tiny, texts, Context(tmp_path, progress=False))
     assert calls == [] and torch.equal(first, again)
-    more = encode_texts(tiny, texts + ["A brand new sentence."], tmp_path, show_progress=False)
+    more = encode_texts(tiny, texts + ["A brand new sentence."], Context(tmp_path, progress=False))
     assert calls == [1] and torch.equal(more[:-1], first)
 
 
@@ -85,22 +86,22 @@ def test_presets_files_and_flags_override_in_order(tmp_path):
 def test_training_lowers_loss_and_refuses_to_overwrite(tiny, eurosat, tmp_path):
     losses = []
     cfg = TrainConfig(depth=2, epochs=6, batch_size=32, warmup_epochs=1, lr=0.005)
-    model, summary = train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False,
+    model, summary = train(tiny, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False),
                            on_epoch=lambda e, l: losses.append(l))
     assert losses[-1] < 0.6 * losses[0]
     assert summary["trainable_parameters"] == 2 * 4 * 32
-    _, again = train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", resume=True, show_progress=False)
+    _, again = train(tiny, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False), resume=True)
     assert again["resumed_from_epoch"] == 6 and again["final_epoch_loss"] == summary["final_epoch_loss"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint.safetensors", "prompts.safetensors", "protext_config.json", "train_log.jsonl"]
     with pytest.raises(ProtextError, match="--resume"):
-        train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+        train(tiny, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False))
     with pytest.raises(ProtextError, match="settings differ.*lr"):
         train(tiny, eurosat, TrainConfig(depth=2, epochs=6, batch_size=32, warmup_epochs=1, lr=0.01),
-              tmp_path / "run", tmp_path / "cache", resume=True, show_progress=False)
+              tmp_path / "run", Context(tmp_path / "cache", progress=False), resume=True)
     other = dict(list(eurosat.items())[:5])
     with pytest.raises(ProtextError, match="descriptions differ"):
-        train(tiny, other, cfg, tmp_path / "run", tmp_path / "cache", resume=True, show_progress=False)
+        train(tiny, other, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False), resume=True)
 
 
 def _train_cmd(folder, out, cache):
@@ -144,7 +145,7 @@ def test_resume_after_kill_gives_the_same_prompts(tiny_folder, tmp_path):
 def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, eurosat, tmp_path):
     cfg = TrainConfig(depth=2, epochs=3, batch_size=64, warmup_epochs=1, lr=1e30)
     with pytest.raises(ProtextError, match=r"diverged.*epoch 2.*kept in .*checkpoint\.safetensors"):
-        train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+        train(tiny, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False))
     assert not (tmp_path / "run" / "prompts.safetensors").exists()  # no NaN prompts saved
     kept = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert torch.isfinite(kept["prompts"]).all() and torch.isfinite(kept["optimizer.0.exp_avg"]).all()
@@ -159,6 +160,8 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, eurosa
     ("epochs", 2.5, "'epochs' must be a whole number"),
     ("init", 5, "'init' must be a string"),
     ("init", None, "'init' must be a string"),
+    ("init", "a photo of", "init must be 'words' or 'random', got 'a photo of'; the words themselves go in init_words"),
+    ("init_words", 3, "'init_words' must be a string"),
     ("template", "a {} of {}", "exactly one '{}'"),
     ("template", "a photo of {0}", "exactly one '{}'"),
 ])
@@ -190,10 +193,10 @@ def test_settings_are_checked_against_the_backbone_before_encoding(tiny, eurosat
 
     monkeypatch.setattr(train_module, "encode_texts", no_encoding)
     with pytest.raises(ProtextError, match="n_ctx 100 .* more than the 77-token context"):
-        train(tiny, eurosat, TrainConfig(n_ctx=100, depth=2, init="random"), tmp_path / "a", tmp_path / "c",
-              show_progress=False)
+        train(tiny, eurosat, TrainConfig(n_ctx=100, depth=2, init="random"), tmp_path / "a",
+              Context(tmp_path / "c", progress=False))
     with pytest.raises(ProtextError, match="depth must be between 1 and 2"):
-        train(tiny, eurosat, TrainConfig(depth=5), tmp_path / "b", tmp_path / "c", show_progress=False)
+        train(tiny, eurosat, TrainConfig(depth=5), tmp_path / "b", Context(tmp_path / "c", progress=False))
 
 
 def test_cli_refuses_non_finite_and_mistyped_settings(tiny_folder, tmp_path, capsys):
@@ -252,7 +255,7 @@ def test_mixed_precision_branch_runs_and_stays_close_to_fp32(device, eurosat, tm
     assert losses["bf16"].item() != losses["fp32"].item()  # the bf16 branch really ran
 
     cfg = TrainConfig(depth=2, epochs=2, batch_size=64, warmup_epochs=1, precision="bf16")
-    model, summary = train(backbone, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+    model, summary = train(backbone, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False))
     assert math.isfinite(summary["final_epoch_loss"])
     saved = load_tensors(tmp_path / "run" / "prompts.safetensors")["prompts"]
     ckpt = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
@@ -261,13 +264,13 @@ def test_mixed_precision_branch_runs_and_stays_close_to_fp32(device, eurosat, tm
 
 
 def test_text_cache_is_keyed_by_the_text_cleaning_rule(tiny, tmp_path, monkeypatch):
-    before = feature_store(tiny, "text", tmp_path).folder
+    before = feature_store(tiny, "text", Context(tmp_path)).folder
     monkeypatch.setattr(type(tiny.text), "text_rule", "another-rule")
-    assert feature_store(tiny, "text", tmp_path).folder != before
+    assert feature_store(tiny, "text", Context(tmp_path)).folder != before
 
 
 def test_settings_as_key_value_pairs():
-    from protext.train import parse_assignments
+    from protext.training.train import parse_assignments
 
     got = parse_assignments(["lr=0.01", "init=random", "epochs=3", "warmup-epochs=0", "template=a {}."])
     assert got == {"lr": 0.01, "init": "random", "epochs": 3, "warmup_epochs": 0, "template": "a {}."}
@@ -280,7 +283,7 @@ def test_settings_as_key_value_pairs():
 
 def test_checkpoint_holds_the_optimisers_whole_state(tiny, eurosat, tmp_path):
     cfg = TrainConfig(depth=2, epochs=1, batch_size=64, warmup_epochs=0)
-    train(tiny, eurosat, cfg, tmp_path / "run", tmp_path / "cache", show_progress=False)
+    train(tiny, eurosat, cfg, tmp_path / "run", Context(tmp_path / "cache", progress=False))
     from safetensors import safe_open
 
     tensors = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
@@ -292,7 +295,7 @@ def test_checkpoint_holds_the_optimisers_whole_state(tiny, eurosat, tmp_path):
 
 
 def test_grouped_batching_visits_every_pair_once_from_few_classes(eurosat):
-    from protext.train import epoch_order
+    from protext.training.train import epoch_order
 
     classes, _, cls_idx, _ = pairs(eurosat)
     cls_t = torch.tensor(cls_idx)
@@ -314,6 +317,6 @@ def test_grouped_batching_visits_every_pair_once_from_few_classes(eurosat):
 
 def test_grouped_training_runs_end_to_end(tiny, eurosat, tmp_path):
     cfg = TrainConfig(depth=2, epochs=2, batch_size=50, warmup_epochs=1, batching="grouped", classes_per_batch=2)
-    model, summary = train(tiny, eurosat, cfg, tmp_path / "g", tmp_path / "c", show_progress=False)
+    model, summary = train(tiny, eurosat, cfg, tmp_path / "g", Context(tmp_path / "c", progress=False))
     assert math.isfinite(summary["final_epoch_loss"])
     assert model.config.training["batching"] == "grouped"

@@ -44,7 +44,7 @@ class Classified(BaseModel):
     head: str
     label_set: str | None
     labels: int
-    scores: str
+    activation: str
     results: list[ImageResult]
 
 
@@ -192,11 +192,11 @@ def create_app(service: Service) -> FastAPI:
                        head: str | None = Form(None, description="clip, clip80, cupl, protext, ... or heads joined "
                                                                  "with '+'; default: the server's"),
                        top_k: int | None = Form(None, description="labels per image; default: the server's"),
-                       scores: str = Form("softmax", description="softmax: probabilities over the labels, "
-                                                                 "summing to 1; sigmoid: each label's own (SigLIP)"),
+                       activation: str = Form("softmax", description="softmax: probabilities over the labels, "
+                                                                     "summing to 1; sigmoid: each label's own (SigLIP)"),
                        ) -> dict:
         uploads = [(f.filename or f"image {i + 1}", await f.read()) for i, f in enumerate(images)]
-        return await service.classify(uploads, labels, label_set, head, top_k, scores)
+        return await service.classify(uploads, labels, label_set, head, top_k, activation)
 
     @app.get("/v1/label-sets", response_model=LabelSets, summary="The label sets loaded at start, heads and defaults")
     async def label_sets() -> dict:

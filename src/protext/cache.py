@@ -26,12 +26,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def default_cache_dir() -> Path:
-    """`$PROTEXT_CACHE`, else `~/.cache/protext`."""
-    return Path(os.environ.get("PROTEXT_CACHE", Path.home() / ".cache" / "protext"))
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` to fill a temporary file beside `path`, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -53,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def finite(obj: object) -> object:
@@ -100,7 +96,7 @@ def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

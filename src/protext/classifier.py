@@ -1,4 +1,10 @@
-"""`ProTextClassifier`: a zero-shot image classifier for any label set, built on the heads."""
+"""`ProTextClassifier`: a zero-shot image classifier for any label set, built on the heads.
+
+`ClassifierOptions` is what a classifier is built from, by name (a prompt folder, a backbone id,
+a description set): the options the command line, `serve` and the Python API share; its fields
+are the commands' flags. `load_inputs` loads them once (`serve` builds a classifier per label
+set from the result), `build_classifier` makes one classifier.
+"""
 
 from __future__ import annotations
 
@@ -9,47 +15,91 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, load_backbone
+from .backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from .context import Context
 from .descriptions import load_descriptions, normalize_name
+from .engine import run
 from .errors import ProtextError
-from .heads import Heads, Waffle, default_heads, head_names
-from .images import UnreadableImage, load_pixels
+from .flags import option
+from .heads import Heads, HeadInputs, Waffle, default_heads, head_names
 from .model import ProText, check_backbone
 from .sources import load_descriptors, resolve
 
-
-def _descriptions(spec: Mapping[str, Sequence[str]] | str | Path | None,
-                  cache_dir: Path | None) -> Mapping[str, Sequence[str]] | None:
-    """Descriptions given as a mapping, a file or a public set name (cupl:NAME)."""
-    if spec is None or isinstance(spec, Mapping):
-        return spec
-    return load_descriptions(resolve(str(spec), cache_dir))
-
-
-def _descriptors(spec: Mapping[str, Sequence[str]] | str | Path | None,
-                 cache_dir: Path | None) -> Mapping[str, Sequence[str]] | None:
-    """DCLIP descriptors given as a mapping, a file or a public set name (dclip:NAME)."""
-    if spec is None or isinstance(spec, Mapping):
-        return spec
-    return load_descriptors(str(spec), cache_dir)
-
-
 # How image-text logits become probabilities: a softmax over the label set (CLIP's training loss;
 # the probabilities sum to 1), or each label's own sigmoid with the model's learned bias (SigLIP's).
-SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+@dataclass
+class ClassifierOptions:
+    """What a classifier is built from. Each field is a flag of `predict`, `label`, `serve`, `export`
+    and `eval`; in Python the names may also be loaded objects (a `Backbone`, a `ProText`, a dict
+    of descriptions)."""
+
+    prompts: str | None = option(None, "prompt folder or Hub id (default: none: the plain heads on --backbone)")
+    backbone: str | None = option(None, "Hub id or local folder of a CLIP or SigLIP model (default: the one "
+                                        f"--prompts were trained on, else {DEFAULT_BACKBONE}); with --prompts, "
+                                        "checked against their weights' fingerprint")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the backbone")
+    head: str | None = option(None, "one head, or heads joined with '+' (default: protext with --prompts, else cupl "
+                                    "with --descriptions, else clip)")
+    dataset: str | None = option(None, "the dataset the classes come from (e.g. oxford_pets): the clip head uses its "
+                                       "template, dclip its full-stop rule")
+    descriptions: str | None = option(None, "CuPL-style description JSON or set name (cupl:NAME), for cupl")
+    descriptors: str | None = option(None, "DCLIP descriptor JSON or set name (dclip:NAME), for dclip")
+    waffle_count: int = option(15, "waffle: pairs of random descriptors")
+    waffle_seed: int = option(0, "waffle: seed of the random descriptors")
+    waffle_concept: str | None = option(None, "waffle: a high-level concept, as in 'A photo of a {concept}: a "
+                                              "{class}, which ...'")
+    cross_dataset: bool = option(False, "the prompts were learned on another dataset: the protext head uses "
+                                        "--dataset's inference template ('a photo of a {}, a type of pet.'), as the "
+                                        "cross-dataset benchmark does")
+
+
+def load_backbone_of(options: ClassifierOptions, ctx: Context = Context()) -> tuple[Backbone, ProText | None]:
+    """The backbone and the prompts (if any) the options name; prompts load on `backbone` when it
+    is given (checked by fingerprint), else on the backbone they were trained on."""
+    backbone = options.backbone
+    if isinstance(backbone, (str, Path)):
+        backbone = load_backbone(str(backbone), options.revision, ctx.device)
+    prompts = options.prompts
+    if prompts is not None and not isinstance(prompts, ProText):
+        prompts = ProText.from_pretrained(prompts, backbone=backbone, device=ctx.device)
+    if backbone is None:
+        backbone = prompts.backbone if prompts is not None else load_backbone(DEFAULT_BACKBONE, options.revision,
+                                                                               ctx.device)
+    return backbone, prompts
+
+
+def load_inputs(options: ClassifierOptions, ctx: Context = Context()) -> tuple[Backbone, HeadInputs]:
+    """The backbone and everything the heads read, loaded once."""
+    descriptions, descriptors = options.descriptions, options.descriptors
+    if descriptions is not None and not isinstance(descriptions, Mapping):
+        descriptions = load_descriptions(resolve(str(descriptions), ctx))
+    if descriptors is not None and not isinstance(descriptors, Mapping):
+        descriptors = load_descriptors(str(descriptors), ctx)
+    waffle = Waffle(options.waffle_count, options.waffle_seed, options.waffle_concept)
+    backbone, prompts = load_backbone_of(options, ctx)
+    return backbone, HeadInputs(prompts, descriptions, descriptors, waffle, options.dataset, options.cross_dataset)
+
+
+def build_classifier(options: ClassifierOptions, classes: Sequence[str], ctx: Context = Context()) -> "ProTextClassifier":
+    """The classifier the options describe, for `classes`."""
+    backbone, inputs = load_inputs(options, ctx)
+    return ProTextClassifier(backbone, classes, options.head, inputs, ctx)
 
 
 @dataclass
 class Prediction:
-    """Per input image: top label and the probability of every class (`scores` says which kind, see
-    `SCORES`); unreadable files listed."""
+    """Per input image: top label and the probability of every class (`activation` says which kind,
+    see `ACTIVATIONS`); unreadable files listed."""
 
     classes: list[str]
     labels: list[str]
     probs: torch.Tensor
     inputs: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    scores: str = "softmax"
+    activation: str = "softmax"
 
     def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
         values, idx = self.probs.topk(min(k, self.probs.shape[1]), dim=1)
@@ -63,52 +113,35 @@ class ProTextClassifier:
     >>> clf = ProTextClassifier.from_backbone("openai/clip-vit-base-patch16", ["cat", "dog"], head="clip80")
     >>> clf.predict(["pet.jpg"]).labels
 
-    The constructor takes loaded objects; the two class methods load from names and paths.
-    `dataset` (e.g. "oxford_pets") is where the classes come from: the `clip` head uses its
-    template, and with `cross_dataset` (prompts learned on another dataset) the `protext` head
-    uses its ProText inference template.
+    The constructor takes loaded objects; `build_classifier` and the two class methods load from
+    names and paths (`ClassifierOptions`).
     """
 
-    def __init__(self, backbone: Backbone, classes: Sequence[str], prompts: ProText | None = None,
-                 descriptions: Mapping[str, Sequence[str]] | None = None, head: str | None = None,
-                 dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None,
-                 descriptors: Mapping[str, Sequence[str]] | None = None, waffle: Waffle = Waffle()):
+    def __init__(self, backbone: Backbone, classes: Sequence[str], head: str | None = None,
+                 inputs: HeadInputs = HeadInputs(), ctx: Context = Context()):
         if backbone.image is None:
             raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP or SigLIP")
-        if prompts is not None and prompts.backbone is not backbone:
-            check_backbone(prompts.config, backbone, "prompts")
-        self.backbone, self.dataset = backbone, dataset
-        self.heads = Heads(backbone, prompts, descriptions, cache_dir, cross_dataset, descriptors, waffle)
-        self.head = head or default_heads(prompts is not None, bool(descriptions))[-1]
+        if inputs.prompts is not None and inputs.prompts.backbone is not backbone:
+            check_backbone(inputs.prompts.config, backbone, "prompts")
+        self.backbone, self.inputs, self.ctx = backbone, inputs, ctx
+        self.heads = Heads(backbone, inputs, ctx)
+        self.head = (head or default_heads(inputs)[-1]).strip()
         head_names(self.head)
         self.set_classes(classes)
 
     @classmethod
-    def from_prompts(cls, prompts: str | Path | ProText, classes: Sequence[str], backbone: str | Backbone | None = None,
-                     descriptions: Mapping[str, Sequence[str]] | str | None = None, head: str | None = None,
-                     dataset: str | None = None, cross_dataset: bool = False, cache_dir: Path | None = None,
-                     device: str | None = None, descriptors: Mapping[str, Sequence[str]] | str | None = None,
-                     waffle: Waffle = Waffle()) -> "ProTextClassifier":
-        """Learned prompts (a folder, Hub id or `ProText`) on their own backbone, or on `backbone`
-        when given (a copy of the same weights, checked by fingerprint)."""
-        if isinstance(backbone, (str, Path)):
-            backbone = load_backbone(str(backbone), device=device)
-        if not isinstance(prompts, ProText):
-            prompts = ProText.from_pretrained(prompts, backbone=backbone, device=device)
-        return cls(backbone or prompts.backbone, classes, prompts, _descriptions(descriptions, cache_dir), head,
-                   dataset, cross_dataset, cache_dir, _descriptors(descriptors, cache_dir), waffle)
+    def from_prompts(cls, prompts: str | Path | ProText, classes: Sequence[str], ctx: Context = Context(),
+                     **options) -> "ProTextClassifier":
+        """Learned prompts (a folder, Hub id or `ProText`) on their own backbone, or on `backbone=`
+        when given (a copy of the same weights, checked by fingerprint); other keywords are
+        `ClassifierOptions` fields."""
+        return build_classifier(ClassifierOptions(prompts=prompts, **options), classes, ctx)
 
     @classmethod
-    def from_backbone(cls, backbone: str | Path | Backbone, classes: Sequence[str],
-                      descriptions: Mapping[str, Sequence[str]] | str | None = None, head: str | None = None,
-                      dataset: str | None = None, cache_dir: Path | None = None, device: str | None = None,
-                      descriptors: Mapping[str, Sequence[str]] | str | None = None,
-                      waffle: Waffle = Waffle()) -> "ProTextClassifier":
+    def from_backbone(cls, backbone: str | Path | Backbone, classes: Sequence[str], ctx: Context = Context(),
+                      **options) -> "ProTextClassifier":
         """A classifier without learned prompts: the template or description heads only."""
-        if not isinstance(backbone, Backbone):
-            backbone = load_backbone(str(backbone), device=device)
-        return cls(backbone, classes, None, _descriptions(descriptions, cache_dir), head, dataset, False, cache_dir,
-                   _descriptors(descriptors, cache_dir), waffle)
+        return build_classifier(ClassifierOptions(backbone=backbone, **options), classes, ctx)
 
     @classmethod
     def from_weights(cls, backbone: Backbone, classes: Sequence[str], weights: torch.Tensor,
@@ -121,9 +154,14 @@ class ProTextClassifier:
             raise ProtextError(f"class embeddings have shape {tuple(weights.shape)}, expected "
                                f"({len(classes)}, {backbone.text.feature_dim}) for {len(classes)} classes on '{backbone.name}'")
         clf = cls.__new__(cls)
-        clf.backbone, clf.dataset, clf.heads, clf.head = backbone, None, Heads(backbone), head
+        clf.backbone, clf.inputs, clf.ctx, clf.head = backbone, HeadInputs(), Context(), head
+        clf.heads = Heads(backbone)
         clf.classes, clf.weights = list(classes), weights.float().cpu()
         return clf
+
+    @property
+    def dataset(self) -> str | None:
+        return self.inputs.dataset
 
     def set_classes(self, classes: Sequence[str]) -> None:
         """Change the label set; no retraining, only the new class embeddings are computed."""
@@ -133,55 +171,52 @@ class ProTextClassifier:
         if len({normalize_name(c) for c in classes}) != len(classes):
             raise ProtextError("class names repeat (after normalising case and '_')")
         self.classes = classes
-        self.weights = self.heads.get(self.head, classes, self.dataset)
+        self.weights = self.heads.get(self.head, classes)
 
     def image_features(self, images: Iterable[str | Path | Image.Image | torch.Tensor],
                        batch_size: int = 32) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
-        tower = self.backbone.image
-        pixels, names, skipped = [], [], []
+        """Features of the readable images, their names, and (name, reason) of the others."""
+        items, names = [], []
         for i, item in enumerate(images):
             if isinstance(item, torch.Tensor):
                 batch = item if item.dim() == 4 else item[None]
-                pixels.extend(batch)
+                items.extend(batch)
                 names.extend(f"tensor[{i}]" for _ in range(len(batch)))
-                continue
-            name = str(item) if isinstance(item, (str, Path)) else f"image[{i}]"
-            try:
-                pixels.append(load_pixels(item, tower.image_size, tower.mean, tower.std))
-                names.append(name)
-            except UnreadableImage as e:
-                skipped.append((name, str(e)))
-        feats = [tower(torch.stack(pixels[i : i + batch_size]).to(self.backbone.device)).cpu()
-                 for i in range(0, len(pixels), batch_size)]
-        return (torch.cat(feats) if feats else torch.empty(0, self.weights.shape[1])), names, skipped
+            else:
+                items.append(item)
+                names.append(str(item) if isinstance(item, (str, Path)) else f"image[{i}]")
+        part = next(run(self.backbone, [(0, items)], batch_size, workers=min(4, max(1, len(items)))))
+        good = [j for j, e in enumerate(part.errors) if e is None]
+        return (part.features[good], [names[j] for j in good],
+                [(names[j], e) for j, e in enumerate(part.errors) if e is not None])
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The model's image-text logits: scale · cosine, plus SigLIP's learned bias."""
         logits = self.backbone.logit_scale * features @ self.weights.T
         return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
 
-    def check_scores(self, scores: str) -> None:
+    def check_activation(self, activation: str) -> None:
         """Refuse a kind of probabilities this backbone cannot give (sigmoid needs SigLIP's bias)."""
-        if scores not in SCORES:
-            raise ProtextError(f"scores must be {' or '.join(SCORES)}, got {scores!r}")
-        if scores == "sigmoid" and self.backbone.logit_bias is None:
-            raise ProtextError(f"sigmoid scores need a backbone trained with a sigmoid loss and a learned bias "
+        if activation not in ACTIVATIONS:
+            raise ProtextError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
+        if activation == "sigmoid" and self.backbone.logit_bias is None:
+            raise ProtextError(f"sigmoid probabilities need a backbone trained with a sigmoid loss and a learned bias "
                                f"(SigLIP); '{self.backbone.name}' has none: use softmax")
 
-    def probabilities(self, features: torch.Tensor, scores: str = "softmax") -> torch.Tensor:
+    def probabilities(self, features: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
         """softmax: over the label set, summing to 1; sigmoid: each label's own, sigmoid(logit) with the bias."""
-        self.check_scores(scores)
+        self.check_activation(activation)
         logits = self.logits(features)
-        return logits.sigmoid() if scores == "sigmoid" else logits.softmax(-1)
+        return logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
 
     def predict(self, images: Iterable[str | Path | Image.Image | torch.Tensor] | str | Path | Image.Image,
-                batch_size: int = 32, scores: str = "softmax") -> Prediction:
-        """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors; `scores`
+                batch_size: int = 32, activation: str = "softmax") -> Prediction:
+        """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors; `activation`
         is softmax (over the label set) or sigmoid (per label, SigLIP only). Top-1 is the same either way."""
-        self.check_scores(scores)
+        self.check_activation(activation)
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
             images = [images]
         feats, names, skipped = self.image_features(images, batch_size)
-        probs = self.probabilities(feats, scores) if len(feats) else torch.empty(0, len(self.classes))
+        probs = self.probabilities(feats, activation) if len(feats) else torch.empty(0, len(self.classes))
         return Prediction(self.classes, [self.classes[i] for i in probs.argmax(1).tolist()], probs, names, skipped,
-                          scores)
+                          activation)

@@ -1,22 +1,23 @@
 """`protext label` and `protext features` with `--engine ray`: the same output as the single-machine
 path, from the machines of a Ray cluster.
 
-The driver cuts the image list into fixed shards (for labels, the class embeddings are built
-once on the driver: the text side never leaves it). Ray Data runs the rest: images are read
-and decoded in Ray tasks (local paths, or any filesystem pyarrow opens: s3://, gs://, ...
-when the filesystem's packages are installed), and the image tower runs in a pool of actors,
-each of which loads it once (on a GPU when the cluster has them). The driver writes each
-finished shard atomically, as the single-machine path does (`label.Parts`,
-`feature_folder.FeatureFolder`), so:
+The driver cuts the image list into the same parts as the single-machine engine (`engine.spans`;
+for labels, the class embeddings are built once on the driver: the text side never leaves it).
+Ray Data runs the rest: images are read and decoded in Ray tasks (local paths, or any filesystem
+pyarrow opens: s3://, gs://, ... when the filesystem's packages are installed), and the image
+tower runs in a pool of actors, each of which loads it once (on a GPU when the cluster has them).
+The driver writes each finished part atomically into the same `parts.PartFolder` the
+single-machine path writes, so:
 
-- a rerun after a failure skips the shards already written;
-- a task or actor that dies is retried by Ray, and a shard file is whole or absent, so no
-  row is ever written twice;
+- a rerun after a failure computes only the parts not yet written, on either engine;
+- a task or actor that dies is retried by Ray, and a part file is whole or absent, so no row
+  is ever written twice;
 - the output is the same as the single-machine path's, row for row.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,12 +30,13 @@ from PIL import Image
 from .backbone import Backbone, load_backbone
 from .cache import to_json
 from .classifier import ProTextClassifier
+from .context import Context
+from .engine import JobReport, spans
 from .errors import ProtextError
-from .feature_folder import FeaturesReport, start_features
+from .feature_folder import open_folder, part_bytes, summarise
 from .images import UnreadableImage, is_uri, load_pixels
-from .label import LabelReport, _row, start_job, write_rows
-
-SHARD = 256  # images per shard: the unit of resuming
+from .label import finish, row, start
+from .parts import PartFolder, jsonl
 
 
 def ray_module():
@@ -89,17 +91,17 @@ class Classify(TowerActor):
     """Scores decoded images against the class embeddings; one JSON row per image."""
 
     def __init__(self, backbone: str, revision: str | None, fingerprint: str, classes: list[str],
-                 weights: torch.Tensor, head: str, scores: str, top_k: int, min_prob: float | None):
+                 weights: torch.Tensor, head: str, activation: str, top_k: int, min_prob: float | None):
         TowerActor.__init__(self, backbone, revision, fingerprint)  # named: a subclass Ray ships by value still finds it
         self.clf = ProTextClassifier.from_weights(self.backbone, classes, weights, head)
-        self.scores, self.top_k, self.min_prob = scores, top_k, min_prob
+        self.activation, self.top_k, self.min_prob = activation, top_k, min_prob
 
     def __call__(self, batch: dict) -> dict:
         ok, feats = self.features(batch)
-        probs = dict(zip(ok, self.clf.probabilities(feats, self.scores))) if ok else {}
-        rows = [_row(str(p), probs.get(i), self.clf.classes, self.top_k, self.min_prob, batch["error"][i] or None)
+        probs = dict(zip(ok, self.clf.probabilities(feats, self.activation))) if ok else {}
+        rows = [row(str(p), probs.get(i), self.clf.classes, self.top_k, self.min_prob, batch["error"][i] or None)
                 for i, p in enumerate(batch["path"])]
-        return {"shard": batch["shard"], "index": batch["index"],
+        return {"part": batch["part"], "index": batch["index"],
                 "row": np.array([to_json(r, indent=None) for r in rows], dtype=object)}
 
 
@@ -115,26 +117,32 @@ class Embed(TowerActor):
         out = np.zeros((len(batch["path"]), self.dim), np.float32)
         if ok:
             out[ok] = feats.numpy()
-        return {"shard": batch["shard"], "index": batch["index"], "path": batch["path"], "feature": out,
+        return {"part": batch["part"], "index": batch["index"], "path": batch["path"], "feature": out,
                 "error": batch["error"]}
 
 
-def _run(items: list[dict], sizes: dict[int, int], tower, actor: type, actor_args: tuple, save, *, address: str | None,
-         workers: int, num_gpus_per_worker: float, batch_size: int, runtime_env: dict | None, desc: str,
-         show_progress: bool) -> None:
-    """Decode `items` ({"shard", "index", "path"}) in Ray tasks, run `actor` on them in a pool of
-    `workers` actors, and call `save(shard, records)` on the driver as soon as a shard's
-    `sizes[shard]` records are all back, in input order (each record: the actor's columns).
+def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor: type, actor_args: tuple, save, *,
+         address: str | None, workers: int, num_gpus_per_worker: float, batch_size: int, runtime_env: dict | None,
+         desc: str, ctx: Context) -> tuple[int, int, float]:
+    """The parts `folder` lacks: decode their images in Ray tasks, run `actor` on them in a pool of
+    `workers` actors, and call `save(part, records)` on the driver as soon as all of a part's
+    records are back, in input order (each record: the actor's columns). Returns (images
+    processed, reused, seconds).
 
     Workers read each image from its absolute path (a relative one would be resolved in the
     worker's own folder), while `path` keeps the spelling the user gave, for the output."""
-    from tqdm.auto import tqdm
-
+    layout = spans(len(names), part_size)
+    todo = folder.missing(range(len(layout)))
+    processed = sum(len(layout[p]) for p in todo)
+    started = time.perf_counter()
+    if not todo:
+        return 0, len(names), 0.0
     ray = ray_module()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    for item in items:
-        item["source"] = item["path"] if is_uri(item["path"]) else str(Path(item["path"]).resolve())
+    items = [{"part": p, "index": k, "path": names[i],
+              "source": names[i] if is_uri(names[i]) else str(Path(names[i]).resolve())}
+             for p in todo for k, i in enumerate(layout[p])]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std},
                                   batch_size=batch_size, batch_format="numpy")
@@ -144,80 +152,67 @@ def _run(items: list[dict], sizes: dict[int, int], tower, actor: type, actor_arg
                                compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus_per_worker,
                                **({"runtime_env": runtime_env} if runtime_env else {}))
     pending: dict[int, dict[int, dict]] = defaultdict(dict)
-    with tqdm(total=len(items), desc=desc, unit="img", disable=not show_progress) as bar:
+    with ctx.bar(len(items), desc, "img") as bar:
         for batch in done.iter_batches(batch_format="numpy", batch_size=None):
-            for j in range(len(batch["shard"])):
-                shard = int(batch["shard"][j])
-                pending[shard][int(batch["index"][j])] = {k: v[j] for k, v in batch.items()}
-                if len(pending[shard]) == sizes[shard]:
-                    records = pending.pop(shard)
-                    save(shard, [records[k] for k in sorted(records)])
-            bar.update(len(batch["shard"]))
+            for j in range(len(batch["part"])):
+                part = int(batch["part"][j])
+                pending[part][int(batch["index"][j])] = {k: v[j] for k, v in batch.items()}
+                if len(pending[part]) == len(layout[part]):
+                    records = pending.pop(part)
+                    save(part, [records[k] for k in sorted(records)])
+            bar.update(len(batch["part"]))
     if pending:
-        raise ProtextError(f"Ray returned no rows for {sum(sizes[s] - len(r) for s, r in pending.items())} "
+        raise ProtextError(f"Ray returned no rows for {sum(len(layout[p]) - len(r) for p, r in pending.items())} "
                            f"images; rerun to compute them")
+    return processed, len(names) - processed, time.perf_counter() - started
 
 
 def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
-                 min_prob: float | None = None, scores: str = "softmax", address: str | None = None,
-                 workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int = 32,
-                 show_progress: bool = True, runtime_env: dict | None = None) -> LabelReport:
+                 min_prob: float | None = None, activation: str = "softmax", address: str | None = None,
+                 workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int = 32, part_size: int = 512,
+                 ctx: Context = Context(), runtime_env: dict | None = None) -> JobReport:
     """Label `paths` on a Ray cluster (`address`: "auto", "ray://host:port", or None for a local
-    instance) into `output`, resuming from the shards an earlier run wrote. `workers` is the
-    number of classifying actors (and decoding tasks at once); `runtime_env` is Ray's, for the
-    actors (packages or environment variables the cluster's machines need)."""
-    import json
-
-
-
+    instance) into `output`, resuming from the parts an earlier run (on either engine) wrote.
+    `workers` is the number of classifying actors (and decoding tasks at once); `runtime_env` is
+    Ray's, for the actors (packages or environment variables the cluster's machines need)."""
     ray_module()
     output = Path(output)
-    fmt, names, parts = start_job(clf, paths, output, top_k, min_prob, scores,
-                                  {"--workers": workers, "--batch-size": batch_size})
-    unique = list(dict.fromkeys(names))  # a path given twice is labelled once and written twice
-    shards = {i: unique[start : start + SHARD] for i, start in enumerate(range(0, len(unique), SHARD))}
-    # a shard is reused only when it holds rows for all its paths: the list may have changed since
-    todo = {i: shard for i, shard in shards.items() if not (parts.has_shard(i) and all(p in parts.rows for p in shard))}
-    reused = sum(len(s) for i, s in shards.items() if i not in todo)
-    start = time.perf_counter()
-    if todo:
-        tower = clf.backbone.image
-        items = [{"shard": i, "index": k, "path": p} for i, shard in todo.items() for k, p in enumerate(shard)]
-        args = (clf.backbone.name, clf.backbone.revision, tower.fingerprint(), clf.classes, clf.weights, clf.head,
-                scores, top_k, min_prob)
-        _run(items, {i: len(s) for i, s in todo.items()}, tower, Classify, args,
-             lambda shard, records: parts.write_shard(shard, [json.loads(r["row"]) for r in records]),
-             address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size,
-             runtime_env=runtime_env, desc="labelling (ray)", show_progress=show_progress)
-    seconds = time.perf_counter() - start
-    final = [parts.rows[n] for n in names]
-    write_rows(final, output, fmt, top_k)
-    parts.remove()
-    return LabelReport(output, len(names), len(unique) - reused, reused,
-                       [(r["path"], r["error"]) for r in final if r["error"] is not None], seconds)
+    fmt, names, folder = start(clf, paths, output, top_k, min_prob, activation, part_size,
+                               {"--workers": workers, "--batch-size": batch_size})
+    tower = clf.backbone.image
+    args = (clf.backbone.name, clf.backbone.revision, tower.fingerprint(), clf.classes, clf.weights, clf.head,
+            activation, top_k, min_prob)
+
+    def save(part: int, records: list[dict]) -> None:
+        rows = [json.loads(r["row"]) for r in records]
+        folder.write(part, jsonl(rows), len(rows), sum(r["error"] is not None for r in rows))
+
+    processed, reused, seconds = _run(names, folder, part_size, tower, Classify, args, save, address=address,
+                                      workers=workers, num_gpus_per_worker=num_gpus_per_worker,
+                                      batch_size=batch_size, runtime_env=runtime_env, desc="labelling (ray)", ctx=ctx)
+    return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
+                  seconds)
 
 
-def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, chunk: int = 1024,
+def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, part_size: int = 1024,
                     address: str | None = None, workers: int = 2, num_gpus_per_worker: float = 0,
-                    batch_size: int = 32, show_progress: bool = True,
-                    runtime_env: dict | None = None) -> FeaturesReport:
-    """`feature_folder.write_features` on a Ray cluster: the same parts (one per `chunk` inputs),
+                    batch_size: int = 32, ctx: Context = Context(), runtime_env: dict | None = None) -> JobReport:
+    """`feature_folder.write_features` on a Ray cluster: the same parts (one per `part_size` inputs),
     resumed the same way; the other arguments as in `label_on_ray`."""
     ray_module()
-    names, folder = start_features(backbone, paths, Path(out), chunk, {"--workers": workers, "--batch-size": batch_size})
-    todo = folder.missing()
-    started = time.perf_counter()
-    if todo:
-        tower = backbone.image
-        items = [{"shard": part, "index": k, "path": names[i]} for part in todo for k, i in enumerate(folder.span(part))]
+    names = [str(p) for p in paths]
+    folder = open_folder(backbone, names, Path(out), part_size, {"--workers": workers, "--batch-size": batch_size})
+    dim = folder.settings["dim"]
 
-        def save(part: int, records: list[dict]) -> None:
-            folder.write(part, [str(r["path"]) for r in records], np.stack([r["feature"] for r in records]),
-                         [str(r["error"]) or None for r in records])
+    def save(part: int, records: list[dict]) -> None:
+        errors = [str(r["error"]) or None for r in records]
+        folder.write(part, part_bytes([str(r["path"]) for r in records], np.stack([r["feature"] for r in records]),
+                                      errors, dim), len(records), sum(e is not None for e in errors))
 
-        _run(items, {p: len(folder.span(p)) for p in todo}, tower, Embed,
-             (backbone.name, backbone.revision, tower.fingerprint(), folder.dim), save, address=address,
-             workers=workers, num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size, runtime_env=runtime_env,
-             desc="image features (ray)", show_progress=show_progress)
-    computed = sum(len(folder.span(p)) for p in todo)
-    return folder.finish(started, computed, len(names) - computed)
+    tower = backbone.image
+    processed, reused, seconds = _run(names, folder, part_size, tower, Embed,
+                                      (backbone.name, backbone.revision, tower.fingerprint(), dim), save,
+                                      address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
+                                      batch_size=batch_size, runtime_env=runtime_env, desc="image features (ray)",
+                                      ctx=ctx)
+    return summarise(folder, len(names), processed, reused, seconds)

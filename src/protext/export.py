@@ -37,9 +37,7 @@ from .backbone import ImageTower
 from .cache import atomic_save_tensors, atomic_write_bytes, atomic_write_json, file_sha256
 from .classifier import ProTextClassifier
 from .errors import ProtextError
-from .heads import head_names
 from .images import UnreadableImage, list_images, load_pixels
-from .templates import IMAGENET_80, clip_template, protext_template
 
 EMBEDDINGS_FILE = "classifier.safetensors"
 JSON_FILE = "classifier.json"
@@ -79,23 +77,6 @@ def preprocessing(tower: ImageTower) -> dict:
         return {"image_size": list(size), "resize": "to image_size (height, width), bicubic, aspect ratio not kept",
                 "crop": None, "layout": "NCHW", **facts}
     return {"patches": {"rule": type(size).__name__, **asdict(size)}, **facts}  # SigLIP 2 NaFlex: see protext.images
-
-
-def head_text(clf: ProTextClassifier) -> dict:
-    """What the text side of each part of the head read, so the export says how it was made."""
-    parts = {}
-    for part in head_names(clf.head):
-        if part == "protext":
-            cfg = clf.heads.prompts.config
-            parts[part] = {"template": protext_template(clf.dataset, clf.heads.cross_dataset),
-                           "prompts_sha256": cfg.prompts_sha256, "n_ctx": cfg.n_ctx, "depth": cfg.depth}
-        elif part == "clip":
-            parts[part] = {"templates": [clip_template(clf.dataset)]}
-        elif part == "clip80":
-            parts[part] = {"templates": list(IMAGENET_80)}
-        else:
-            parts[part] = {"sentences": "per class (descriptions, descriptors or random words); see protext's heads"}
-    return {"parts": parts, "notes": clf.heads.fallback_notes()}
 
 
 def check_pixels(clf: ProTextClassifier, images: Sequence[str | Path], n_random: int = 4) -> tuple[torch.Tensor, str]:
@@ -180,7 +161,7 @@ def export(clf: ProTextClassifier, out: Path, onnx: bool = False, check_images: 
     meta = {"format": "protext-classifier", "format_version": FORMAT_VERSION, "protext_version": __version__,
             "backbone": {"name": backbone.name, "revision": backbone.revision,
                          "text_fingerprint": backbone.fingerprint(), "image_fingerprint": tower.fingerprint()},
-            "head": clf.head, "head_text": head_text(clf), "dataset": clf.dataset, "labels": list(clf.classes),
+            "head": clf.head, "head_text": clf.heads.export(clf.head, clf.classes), "dataset": clf.dataset, "labels": list(clf.classes),
             "logit_scale": backbone.logit_scale, "logit_bias": backbone.logit_bias,
             "logits": "logit_scale * normalize(image_features) @ class_embeddings.T"
                       + (" + logit_bias" if backbone.logit_bias is not None else ""),

@@ -4,44 +4,32 @@ For collections too large to embed twice: compute the image tower's features onc
 on a Ray cluster with `distributed.features_on_ray`), then label them with any number of
 label sets (`protext label --features DIR`), search them, or load them elsewhere.
 
-The folder (`--out`) holds:
-
-- `part-NNNNNN.parquet`: the features of input positions N*chunk .. (N+1)*chunk-1, in input
-  order, one row each: `path` (string), `feature` (L2-normalised float32, fixed size; null when
-  unreadable) and `error` (the reason, else null). Each part is written atomically.
-- `_settings.json`: what decides the parts (backbone, image-tower fingerprint, chunk, the path
-  list's hash), written first. A rerun with the same settings computes only the missing
-  parts; a rerun with other settings is refused before any image is read.
-- `_summary.json`: the summary, written last: its presence means the folder is finished.
-
-Any Parquet reader takes the folder as one table (`pyarrow.parquet.read_table(DIR)`,
-`pandas.read_parquet(DIR)`, DuckDB's `read_parquet('DIR/*.parquet')`, Spark, Ray Data: the
-names starting with "_" are skipped); `read_features` returns it as tensors. Both engines
-cut the inputs into the same parts, so their folders hold the same rows (features equal up
-to float rounding of other batch shapes).
+The folder (`--out`) is a `parts.PartFolder` of Parquet parts, one row per input: `path`
+(string), `feature` (L2-normalised float32, fixed size; null when unreadable) and `error` (the
+reason, else null); `_settings.json` (backbone, image-tower fingerprint, part size, the path
+list's hash) first, `_summary.json` last. Any Parquet reader takes the folder as one table
+(`pyarrow.parquet.read_table(DIR)`, `pandas.read_parquet(DIR)`, DuckDB's
+`read_parquet('DIR/*.parquet')`, Spark, Ray Data); `read_features` returns it as tensors,
+`open_features` one part at a time. Both engines cut the inputs into the same parts, so their
+folders hold the same rows (features equal up to float rounding of other batch shapes).
 """
 
 from __future__ import annotations
 
 import io
-import math
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .backbone import Backbone
-from .cache import atomic_write_bytes, atomic_write_json, settings_change, sha1
+from .cache import sha1
+from .context import Context
+from .engine import JobReport, Part, check_counts, run_job, spans
 from .errors import ProtextError
-from .images import decode_ahead
-
-FORMAT = 1
-SETTINGS_FILE = "_settings.json"  # names starting with "_" are skipped by Parquet readers given the folder
-SUMMARY_FILE = "_summary.json"
+from .parts import PartFolder
 
 
 def pyarrow_modules():
@@ -54,159 +42,71 @@ def pyarrow_modules():
     return pa, pq
 
 
-@dataclass
-class FeaturesReport:
-    """What a run did: parts `computed` now and `reused` from an earlier run; `unreadable` (path, reason)."""
-
-    out: Path
-    images: int
-    computed: int
-    reused: int
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {"out": str(self.out), "images": self.images, "computed": self.computed, "reused": self.reused,
-                "unreadable": len(self.unreadable), "seconds": round(self.seconds, 2),
-                "images_per_s": round(self.computed / self.seconds, 2) if self.seconds > 0 else None}
+def part_bytes(names: Sequence[str], feats: np.ndarray, errors: Sequence[str | None], dim: int) -> bytes:
+    """One Parquet part: `feats` (n, dim) float32, null where `errors` has a reason."""
+    pa, pq = pyarrow_modules()
+    if feats.shape != (len(names), dim):
+        raise ProtextError(f"{len(names)} paths and features of shape {feats.shape}, expected dimension {dim}")
+    values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
+    mask = pa.array([e is not None for e in errors])
+    column = pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+    table = pa.table({"path": pa.array(list(names), pa.string()), "feature": column,
+                      "error": pa.array(list(errors), pa.string())})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
 
 
-class FeatureFolder:
-    """The output folder of a features job: its settings, its finished parts, its summary."""
-
-    def __init__(self, out: Path, settings: dict):
-        self.out, self.settings = Path(out), settings
-        if self.out.exists() and not self.out.is_dir():
-            raise ProtextError(f"--out {self.out} is a file; --out names the folder the feature parts are written into")
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".part-*.tmp"):  # left by a writer killed mid-part
-            stale.unlink(missing_ok=True)
-        saved = self.out / SETTINGS_FILE
-        parts = any(self.out.glob("part-*.parquet"))
-        change = settings_change(saved, settings, self.out) if parts else None
-        if change is not None:
-            earlier, differ = change
-            if {"images", "paths_sha1"} & set(differ):
-                raise ProtextError(f"{self.out} holds features of another list of images ({earlier.get('images')} "
-                                   f"images then, {settings['images']} now, or the same number in another order): "
-                                   f"give the same inputs to finish it, or another --out")
-            if differ:
-                raise ProtextError(f"{self.out} holds features made with other settings ({', '.join(differ)} differ: "
-                                   f"{', '.join(f'{k} {earlier.get(k)!r}' for k in differ)} then): rerun with those, "
-                                   f"or give another --out")
-        elif parts and not saved.is_file():
-            raise ProtextError(f"{self.out} holds part-*.parquet files that protext features did not write (no "
-                               f"{SETTINGS_FILE}); give a new or empty --out")
-        else:
-            atomic_write_json(saved, settings)
-        self.chunk, self.images = settings["chunk"], settings["images"]
-        self.dim = settings["dim"]
-
-    @property
-    def parts(self) -> int:
-        return math.ceil(self.images / self.chunk)
-
-    def span(self, part: int) -> range:
-        """The input positions of one part."""
-        return range(part * self.chunk, min(self.images, (part + 1) * self.chunk))
-
-    def path(self, part: int) -> Path:
-        return self.out / f"part-{part:06d}.parquet"
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.parts) if not self.path(i).is_file()]
-
-    def write(self, part: int, paths: Sequence[str], feats: np.ndarray, errors: Sequence[str | None]) -> None:
-        """One part, atomically: `feats` (n, dim) float32, ignored where `errors` has a reason."""
-        pa, pq = pyarrow_modules()
-        if len(paths) != len(self.span(part)) or feats.shape != (len(paths), self.dim):
-            raise ProtextError(f"part {part}: {len(paths)} paths and features {feats.shape}, expected "
-                               f"{len(self.span(part))} of dimension {self.dim}")
-        values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
-        mask = pa.array([e is not None for e in errors])
-        column = pa.FixedSizeListArray.from_arrays(values, self.dim, mask=mask)
-        table = pa.table({"path": pa.array(list(paths), pa.string()), "feature": column,
-                          "error": pa.array(list(errors), pa.string())})
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        atomic_write_bytes(self.path(part), sink.getvalue())
-
-    def finish(self, started: float, computed: int, reused: int) -> FeaturesReport:
-        """Check every part is there, write the summary, and report."""
-        _, pq = pyarrow_modules()
-        if self.missing():
-            raise ProtextError(f"{self.out}: parts {self.missing()[:5]} are missing; rerun the same command")
-        unreadable = []
-        for part in range(self.parts):
-            rows = pq.read_table(self.path(part), columns=["path", "error"]).to_pydict()
-            unreadable += [(p, e) for p, e in zip(rows["path"], rows["error"]) if e is not None]
-        summary = {**self.settings, "parts": self.parts, "unreadable": len(unreadable)}
-        atomic_write_json(self.out / SUMMARY_FILE, summary)
-        return FeaturesReport(self.out, self.images, computed, reused, unreadable, time.perf_counter() - started)
-
-
-def start_features(backbone: Backbone, paths: Sequence[str | Path], out: Path, chunk: int,
-                   counts: dict[str, int]) -> tuple[list[str], FeatureFolder]:
+def open_folder(backbone: Backbone, names: Sequence[str], out: Path, part_size: int,
+                counts: dict[str, int | None]) -> PartFolder:
     """Check a features job's arguments before any image is read (`counts`: flag -> value, each at
     least 1) and open its folder; the single-machine and the Ray paths both start here."""
     pyarrow_modules()
     if backbone.image is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower")
-    for name, value in {"--chunk": chunk, **counts}.items():
-        if value < 1:
-            raise ProtextError(f"{name} must be at least 1, got {value}")
-    names = [str(p) for p in paths]
+    check_counts({"--part-size": part_size, **counts})
     if not names:
         raise ProtextError("no images to compute features of")
-    settings = {"format": FORMAT, "backbone": backbone.name, "revision": backbone.revision,
-                "image_tower": backbone.image.fingerprint(), "dim": backbone.text.feature_dim, "chunk": chunk,
-                "images": len(names), "paths_sha1": sha1("\n".join(names))}
-    return names, FeatureFolder(out, settings)
+    job = {"backbone": backbone.name, "revision": backbone.revision, "image_tower": backbone.image.fingerprint(),
+           "dim": backbone.text.feature_dim, "part_size": part_size, "images": len(names),
+           "paths_sha1": sha1("\n".join(names))}
+    return PartFolder(out, ".parquet", job, restart="or give another --out")
+
+
+def summarise(folder: PartFolder, images: int, processed: int, reused: int, seconds: float) -> JobReport:
+    """Write the summary of a finished folder and report, naming the unreadable files."""
+    summary = folder.finish(len(spans(images, folder.settings["part_size"])), {"dim": folder.settings["dim"]})
+    report = JobReport(folder.folder, images, processed, reused, seconds=seconds)
+    if summary["unreadable"]:
+        for paths, _, errors in FeatureParts(folder).parts(columns=("path", "error")):
+            for p, e in zip(paths, errors):
+                report.note(p, e)
+    return report
 
 
 def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, batch_size: int = 32,
-                   workers: int | None = None, chunk: int = 1024, show_progress: bool = True) -> FeaturesReport:
-    """Image features of every path into the folder `out`, one Parquet part per `chunk` inputs;
+                   workers: int | None = None, part_size: int = 1024, ctx: Context = Context()) -> JobReport:
+    """Image features of every path into the folder `out`, one Parquet part per `part_size` inputs;
     resumes a killed run (see the module's docstring). Unreadable files are rows with an error."""
-    from tqdm.auto import tqdm
+    names = [str(p) for p in paths]
+    folder = open_folder(backbone, names, Path(out), part_size, {"--batch-size": batch_size, "--workers": workers})
+    dim = folder.settings["dim"]
 
-    names, folder = start_features(backbone, paths, Path(out), chunk,
-                                   {"--batch-size": batch_size, "--workers": 1 if workers is None else workers})
-    todo = folder.missing()
-    workers = workers or min(8, os.cpu_count() or 1)
-    tower, device = backbone.image, backbone.device
-    started = time.perf_counter()
-    images = sum(len(folder.span(p)) for p in todo)
-    with tqdm(total=images, desc="image features", unit="img", disable=not show_progress or not todo) as bar:
-        for part in todo:
-            paths_here = [names[i] for i in folder.span(part)]
-            feats = np.zeros((len(paths_here), folder.dim), np.float32)
-            errors: list[str | None] = [None] * len(paths_here)
-            batch: list[tuple[int, torch.Tensor]] = []
-            decoded = decode_ahead(paths_here, tower.image_size, tower.mean, tower.std, workers, 2 * batch_size + workers)
-            for i, result in decoded:
-                if isinstance(result, str):
-                    errors[i] = result
-                else:
-                    batch.append((i, result))
-                if len(batch) == batch_size or (i == len(paths_here) - 1 and batch):
-                    out_feats = tower(torch.stack([p for _, p in batch]).to(device)).cpu().numpy()
-                    feats[[j for j, _ in batch]] = out_feats
-                    batch = []
-                bar.update(1)
-            folder.write(part, paths_here, feats, errors)
-    return folder.finish(started, images, len(names) - images)
+    def encode(part: Part, names_here: list[str]) -> bytes:
+        return part_bytes(names_here, part.features.numpy(), part.errors, dim)
+
+    processed, reused, seconds = run_job(backbone, names, folder, part_size, encode, batch_size=batch_size,
+                                         workers=workers, ctx=ctx, desc="image features")
+    return summarise(folder, len(names), processed, reused, seconds)
 
 
-@dataclass
-class StoredFeatures:
-    """A finished feature folder: `paths` in input order, `feats` (n, dim) with zero rows where
-    `errors` gives the reason an image was unreadable, and the folder's summary `info`."""
+class FeatureParts:
+    """A finished feature folder, read one part at a time."""
 
-    paths: list[str]
-    feats: torch.Tensor
-    errors: list[str | None]
-    info: dict
+    def __init__(self, folder: PartFolder):
+        self.folder = folder
+        self.info = folder.summary()
+        self.images, self.dim = self.info["images"], self.info["dim"]
 
     def check(self, backbone: Backbone) -> None:
         """Refuse to use these features with another image tower than the one that made them."""
@@ -215,28 +115,54 @@ class StoredFeatures:
                                f"({self.info['image_tower']}); '{backbone.name}' has other image weights: pass "
                                f"--backbone {self.info['backbone']} or compute the features again")
 
+    def parts(self, columns: Sequence[str] = ("path", "feature", "error")
+              ) -> Iterator[tuple[list[str], torch.Tensor | None, list[str | None]]]:
+        """(paths, features (n, dim) with zero rows where unreadable, errors) per part, in order."""
+        _, pq = pyarrow_modules()
+        for i in range(self.info["parts"]):
+            data = self.folder.read(i)
+            try:
+                table = pq.read_table(io.BytesIO(data), columns=list(columns))
+            except Exception as e:  # pyarrow's ArrowInvalid and friends: a damaged file
+                raise ProtextError(f"{self.folder.path(i)}: not a readable Parquet part ({e.__class__.__name__}); "
+                                   f"rerun the protext features command that made it") from e
+            feats = None
+            if "feature" in columns:
+                column = table.column("feature").combine_chunks()
+                valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
+                feats = np.zeros((len(table), self.dim), np.float32)
+                feats[valid] = column.flatten().to_numpy().reshape(-1, self.dim)
+                feats = torch.from_numpy(feats)
+            yield table.column("path").to_pylist(), feats, table.column("error").to_pylist()
+
+
+def open_features(folder: str | Path) -> FeatureParts:
+    """A finished feature folder, to read part by part."""
+    folder = Path(folder)
+    if not (folder / "_settings.json").is_file():
+        raise ProtextError(f"{folder}: not a feature folder (made by protext features)")
+    return FeatureParts(PartFolder(folder, ".parquet"))
+
+
+@dataclass
+class StoredFeatures:
+    """A finished feature folder in memory: `paths` in input order, `feats` (n, dim) with zero rows
+    where `errors` gives the reason an image was unreadable, and the folder's summary `info`."""
+
+    paths: list[str]
+    feats: torch.Tensor
+    errors: list[str | None]
+    info: dict
+
 
 def read_features(folder: str | Path) -> StoredFeatures:
-    """A finished feature folder as tensors."""
-    import json
-
-    _, pq = pyarrow_modules()
-    folder = Path(folder)
-    summary = folder / SUMMARY_FILE
-    if not summary.is_file():
-        what = "an unfinished feature folder: rerun the protext features command that made it" \
-            if (folder / SETTINGS_FILE).is_file() else "not a feature folder (made by protext features)"
-        raise ProtextError(f"{folder}: {what}")
-    info = json.loads(summary.read_text(encoding="utf-8"))
-    feats = np.zeros((info["images"], info["dim"]), np.float32)
+    """A finished feature folder as tensors (for search, clustering, or your own code)."""
+    stored = open_features(folder)
+    feats = torch.zeros(stored.images, stored.dim)
     paths: list[str] = []
     errors: list[str | None] = []
-    for i in range(info["parts"]):  # one part in memory at a time, beside the result
-        table = pq.read_table(folder / f"part-{i:06d}.parquet")
-        column = table.column("feature").combine_chunks()
-        valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-        feats[len(paths) : len(paths) + len(table)][valid] = column.flatten().to_numpy().reshape(-1, info["dim"])
-        paths += table.column("path").to_pylist()
-        errors += table.column("error").to_pylist()
-        del table, column
-    return StoredFeatures(paths, torch.from_numpy(feats), errors, info)
+    for p, f, e in stored.parts():  # one part in memory at a time, beside the result
+        feats[len(paths): len(paths) + len(p)] = f
+        paths += p
+        errors += e
+    return StoredFeatures(paths, feats, errors, stored.info)

@@ -1,36 +1,29 @@
 """Zero-shot heads: one (classes, dim) matrix of normalised class embeddings per label set.
 
-Every head is a small declaration in `HEADS`, built by one builder (`Heads.get`):
+Every head is one `Head` record in `HEADS`: what a class is (its sentences, or its name through
+the learned prompts), what it needs (`HeadInputs`, the one bundle heads read), its name in
+reports, and what an export records of it. Everything else derives from the table: the `--head`
+help, the heads `eval --heads all` and the benchmark tables run, the heads `serve` lists, the
+export's description, and the README's table (a test holds them together). One builder,
+`Heads.get`, makes every head:
 
-- a `TextHead` gives each class some sentences (one template, many templates, the class's
-  own descriptions, or descriptor sentences); the class embedding is the mean of their
-  normalised plain features, renormalised (CuPL, CLIP-80) or not (DCLIP, WaffleCLIP: then a
-  class's score is the mean of its per-sentence cosine similarities). A class the head has
-  no sentences for falls back to another head, or is an error where the head has none.
-- a `PromptHead` encodes each class name through the learned prompts.
+- a text head gives each class some sentences (one template, many templates, the class's own
+  descriptions, or descriptor sentences); the class embedding is the mean of their normalised
+  plain features, renormalised (CuPL, CLIP-80) or not (DCLIP, WaffleCLIP: then a class's score
+  is the mean of its per-sentence cosine similarities). A class the head has no sentences for
+  takes its `fallback` head's embedding, or is an error where the head has none;
+- a prompt head encodes each class name through the learned prompts;
 - heads joined with `+` ("protext+cupl") are the renormalised mean of their embeddings.
 
-The heads:
+Plain text features come from the on-disk feature cache, so a sentence seen in any earlier
+run is not encoded again; built heads are memoised per (head, label set).
 
-- `clip`:    one template per dataset ("a photo of a {}.", "{} texture.", ...);
-- `clip80`:  CLIP's 80 ImageNet templates;
-- `cupl`:    the class's LLM descriptions (classes without any fall back to `clip`, as in
-             the paper);
-- `dclip`:   the class's DCLIP descriptors as "{class}, which has {descriptor}" (`descriptors=`),
-             scored by the mean of per-descriptor similarities;
-- `waffle`:  WaffleCLIP's shared random word and character descriptors, seeded (`waffle=`);
-- `protext`: the learned prompts with "a photo of a {}.", or, for prompts learned on
-             another dataset (cross-dataset), that dataset's inference template
-             ("a photo of a {}, a type of pet."), as ProText's code does.
-
-Plain text features come from the on-disk feature store, so a sentence seen in any earlier
-run is not encoded again; built heads are memoised per (head, label set, dataset).
+Adding a head is one record here (and its tests); see ARCHITECTURE.md for a worked example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -38,31 +31,12 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .baselines import characters_of, dclip_sentence, waffle_descriptors, waffle_prefix, word_vocabulary
+from .context import Context
 from .descriptions import normalize_name
 from .errors import ProtextError
-from .features import encode_texts
+from .feature_cache import encode_texts
 from .model import ProText
 from .templates import IMAGENET_80, clip_template, protext_template
-
-
-def ensemble(features: torch.Tensor) -> torch.Tensor:
-    """One class embedding from several: the renormalised mean of normalised features (CuPL, CLIP-80)."""
-    return F.normalize(features.mean(0), dim=-1)
-
-
-@dataclass(frozen=True)
-class TextHead:
-    """Each class is the mean of its sentences' normalised plain features, renormalised or not.
-
-    `sentences(heads, dataset, classes, name)` returns the class's sentences, or None when the
-    head has none for it: that class then takes the `fallback` head's embedding, or, without a
-    fallback, is an error that says what `needs` to be given.
-    """
-
-    sentences: Callable[["Heads", str | None, Sequence[str], str], Sequence[str] | None]
-    fallback: str | None = None
-    renormalize: bool = True
-    needs: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,30 +53,99 @@ class Waffle:
 
 
 @dataclass(frozen=True)
-class PromptHead:
-    """Each class is its name through the learned prompts, with ProText's inference template."""
+class HeadInputs:
+    """What heads read besides the class names, passed whole to every head.
+
+    `dataset` is where the classes come from ("oxford_pets"): the clip head takes its template,
+    DCLIP its full-stop rule, and with `cross_dataset` (prompts learned on another dataset) the
+    protext head its ProText inference template. `template`, when given, is the one template of
+    both the clip and protext heads (the image-free check compares them on the same text).
+    """
+
+    prompts: ProText | None = None
+    descriptions: Mapping[str, Sequence[str]] | None = None
+    descriptors: Mapping[str, Sequence[str]] | None = None
+    waffle: Waffle = Waffle()
+    dataset: str | None = None
+    cross_dataset: bool = False
+    template: str | None = None
+
+    def has(self, need: str | None) -> bool:
+        return need is None or getattr(self, need) is not None
 
 
-def _dclip(heads: "Heads", dataset: str | None, classes: Sequence[str], name: str) -> list[str] | None:
+@dataclass(frozen=True)
+class Head:
+    """One zero-shot head. A text head has `sentences(heads, classes, name)` (None: no sentences
+    for that class); a prompt head has `encode(heads, classes)`. `needs` names the `HeadInputs`
+    field it cannot run without and `given_by` how a user supplies it."""
+
+    name: str
+    method: str
+    summary: str
+    needs: str | None = None
+    given_by: str = ""
+    sentences: Callable[["Heads", Sequence[str], str], Sequence[str] | None] | None = None
+    fallback: str | None = None
+    renormalize: bool = True
+    encode: Callable[["Heads", Sequence[str]], torch.Tensor] | None = None
+    export: Callable[["Heads", Sequence[str]], dict] | None = None
+    default: bool = False  # among the heads run when none is named (the last given one classifies)
+
+
+def _clip_template(heads: "Heads") -> str:
+    return heads.inputs.template or clip_template(heads.inputs.dataset)
+
+
+def _protext_template(heads: "Heads") -> str:
+    return heads.inputs.template or protext_template(heads.inputs.dataset, heads.inputs.cross_dataset)
+
+
+def _dclip(heads: "Heads", classes: Sequence[str], name: str) -> list[str] | None:
     descriptors = heads.descriptors.get(normalize_name(name))
+    dataset = heads.inputs.dataset
     after = "." if dataset and dataset.startswith("imagenet") else ""  # DCLIP ends its sentences so on ImageNet only
     return None if descriptors is None else [dclip_sentence(name, d, after=after) for d in descriptors]
 
 
-def _waffle(heads: "Heads", dataset: str | None, classes: Sequence[str], name: str) -> list[str]:
-    prefix = waffle_prefix(heads.waffle.concept)
+def _waffle(heads: "Heads", classes: Sequence[str], name: str) -> list[str]:
+    prefix = waffle_prefix(heads.inputs.waffle.concept)
     return [f"{prefix}{dclip_sentence(name, d)}." for d in heads.waffle_descriptors(classes)]
 
 
-HEADS: dict[str, TextHead | PromptHead] = {
-    "clip": TextHead(lambda heads, dataset, classes, name: [clip_template(dataset).format(name)]),
-    "clip80": TextHead(lambda heads, dataset, classes, name: [t.format(name) for t in IMAGENET_80]),
-    "cupl": TextHead(lambda heads, dataset, classes, name: heads.descriptions.get(normalize_name(name)),
-                     fallback="clip"),
-    "dclip": TextHead(_dclip, renormalize=False, needs="DCLIP descriptors (--descriptors FILE or dclip:NAME)"),
-    "waffle": TextHead(_waffle, renormalize=False),
-    "protext": PromptHead(),
-}
+def _protext(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:
+    return heads.inputs.prompts.encode_classes(classes, _protext_template(heads))
+
+
+def _protext_export(heads: "Heads", classes: Sequence[str]) -> dict:
+    cfg = heads.inputs.prompts.config
+    return {"template": _protext_template(heads), "prompts_sha256": cfg.prompts_sha256, "n_ctx": cfg.n_ctx,
+            "depth": cfg.depth}
+
+
+HEADS: dict[str, Head] = {h.name: h for h in (
+    Head("clip", "CLIP", "\"a photo of a {}.\" (the dataset's template with --dataset)", default=True,
+         sentences=lambda heads, classes, name: [_clip_template(heads).format(name)],
+         export=lambda heads, classes: {"templates": [_clip_template(heads)]}),
+    Head("clip80", "CLIP-80", "the renormalised mean over CLIP's 80 ImageNet templates",
+         sentences=lambda heads, classes, name: [t.format(name) for t in IMAGENET_80],
+         export=lambda heads, classes: {"templates": list(IMAGENET_80)}),
+    Head("dclip", "DCLIP", "DCLIP: \"{class}, which has {descriptor}\" per descriptor; the mean of the "
+         "per-descriptor similarities", needs="descriptors", given_by="--descriptors FILE or dclip:NAME",
+         sentences=_dclip, renormalize=False),
+    Head("waffle", "WaffleCLIP", "WaffleCLIP: the same seeded random-word and random-character descriptors for "
+         "every class, scored like dclip", given_by="--waffle-count, --waffle-seed, --waffle-concept",
+         sentences=_waffle, renormalize=False),
+    Head("cupl", "CuPL", "the renormalised mean over the class's LLM descriptions (classes without any use clip)",
+         needs="descriptions", given_by="--descriptions FILE or cupl:NAME", default=True,
+         sentences=lambda heads, classes, name: heads.descriptions.get(normalize_name(name)), fallback="clip"),
+    Head("protext", "ProText", "the learned prompts with \"a photo of a {}.\" (with --cross-dataset, the "
+         "dataset's ProText inference template)", needs="prompts", given_by="--prompts DIR", default=True,
+         encode=_protext, export=_protext_export),
+)}
+
+# Combinations the reports add wherever their parts can run.
+COMBINATIONS = ("protext+cupl",)
 
 
 def head_names(spec: str) -> list[str]:
@@ -114,42 +157,68 @@ def head_names(spec: str) -> list[str]:
     return parts
 
 
-def default_heads(has_prompts: bool, has_descriptions: bool) -> list[str]:
-    """What to evaluate when no head is named: clip, then cupl with descriptions, then protext
-    with prompts; the last is what a classifier uses."""
-    return ["clip"] + (["cupl"] if has_descriptions else []) + (["protext"] if has_prompts else [])
+def method_name(spec: str) -> str:
+    """A head's name in reports ("protext+cupl" -> "ProText+CuPL")."""
+    return "+".join(HEADS[p].method for p in head_names(spec))
 
 
-def choose_heads(spec: str | None, has_prompts: bool, has_descriptions: bool, has_descriptors: bool) -> list[str]:
-    """The heads a comma-separated `spec` names, each checked; "all" is every head the data allows, None the default."""
+def runnable(spec: str, inputs: HeadInputs) -> bool:
+    """Whether every part of a head has what it needs."""
+    return all(inputs.has(HEADS[p].needs) for p in head_names(spec))
+
+
+def default_heads(inputs: HeadInputs) -> list[str]:
+    """What to run when no head is named: the default heads whose inputs are given; a classifier
+    uses the last (protext with prompts, else cupl with descriptions, else clip)."""
+    return [h.name for h in HEADS.values() if h.default and inputs.has(h.needs)]
+
+
+def all_heads(inputs: HeadInputs) -> list[str]:
+    """Every head and reported combination the inputs allow, in table order."""
+    return [h for h in (*HEADS, *COMBINATIONS) if runnable(h, inputs)]
+
+
+def table_order(names: Sequence[str]) -> list[str]:
+    """`names` in the order of the heads table (heads, then the reported combinations, then others)."""
+    known = [h for h in (*HEADS, *COMBINATIONS) if h in names]
+    return known + [h for h in dict.fromkeys(names) if h not in known]
+
+
+def choose_heads(spec: str | None, inputs: HeadInputs) -> list[str]:
+    """The heads a comma-separated `spec` names, each checked; "all" is every head the inputs allow,
+    None the default ones."""
     if spec is None:
-        return default_heads(has_prompts, has_descriptions)
+        return default_heads(inputs)
     if spec.strip() == "all":
-        needs = {"cupl": has_descriptions, "dclip": has_descriptors, "protext": has_prompts}
-        return [h for h in HEADS if needs.get(h, True)] + (["protext+cupl"] if has_prompts and has_descriptions else [])
+        return all_heads(inputs)
     names = [h.strip() for h in spec.split(",") if h.strip()]
     for name in names:
         head_names(name)
     return names
 
 
-class Heads:
-    """Builds and memoises class-embedding matrices for one backbone.
+def ensemble(features: torch.Tensor) -> torch.Tensor:
+    """One class embedding from several: the renormalised mean of normalised features (CuPL, CLIP-80)."""
+    return F.normalize(features.mean(0), dim=-1)
 
-    `fallbacks[(head, classes, dataset)]` lists the classes a text head had no sentences for.
+
+@dataclass
+class Heads:
+    """Builds and memoises class-embedding matrices for one backbone and one `HeadInputs`.
+
+    `fallbacks[(head, classes)]` lists the classes a text head had no sentences for.
     """
 
-    def __init__(self, backbone: Backbone, prompts: ProText | None = None,
-                 descriptions: Mapping[str, Sequence[str]] | None = None, cache_dir: Path | None = None,
-                 cross_dataset: bool = False, descriptors: Mapping[str, Sequence[str]] | None = None,
-                 waffle: Waffle = Waffle()):
-        self.backbone, self.prompts, self.cache_dir = backbone, prompts, cache_dir
-        self.cross_dataset, self.waffle = cross_dataset, waffle
-        self.descriptions = {normalize_name(k): list(v) for k, v in (descriptions or {}).items()}
-        self.descriptors = {normalize_name(k): list(v) for k, v in (descriptors or {}).items()}
+    backbone: Backbone
+    inputs: HeadInputs = HeadInputs()
+    ctx: Context = Context()
+    fallbacks: dict[tuple, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.descriptions = {normalize_name(k): list(v) for k, v in (self.inputs.descriptions or {}).items()}
+        self.descriptors = {normalize_name(k): list(v) for k, v in (self.inputs.descriptors or {}).items()}
         self._memo: dict[tuple, torch.Tensor] = {}
         self._waffle_memo: dict[tuple, list[str]] = {}
-        self.fallbacks: dict[tuple, list[str]] = {}
 
     def waffle_descriptors(self, classes: Sequence[str]) -> list[str]:
         """The random descriptors every class of this label set shares (WaffleCLIP).
@@ -161,52 +230,67 @@ class Heads:
         if key not in self._waffle_memo:  # the head asks once per class; the tokenizer's vocabulary is large
             vocabulary = word_vocabulary(self.backbone.text.tokenizer)
             source = [s for v in (self.descriptors or self.descriptions).values() for s in v] or vocabulary
-            self._waffle_memo[key] = waffle_descriptors(classes, vocabulary, characters_of(source), self.waffle.count,
-                                                        self.waffle.seed)
+            waffle = self.inputs.waffle
+            self._waffle_memo[key] = waffle_descriptors(classes, vocabulary, characters_of(source), waffle.count,
+                                                        waffle.seed)
         return self._waffle_memo[key]
 
-    def sentences_of(self, head: str, classes: Sequence[str], dataset: str | None = None) -> list[str]:
-        """Every sentence a text head encodes for `classes` (none for the prompt head)."""
+    def sentences_of(self, head: str, classes: Sequence[str]) -> list[str]:
+        """Every sentence a text head encodes for `classes` (none for a prompt head)."""
         spec = HEADS[head]
-        if isinstance(spec, PromptHead):
+        if spec.sentences is None:
             return []
-        return [s for c in classes for s in (spec.sentences(self, dataset, classes, c) or [])]
+        return [s for c in classes for s in (spec.sentences(self, classes, c) or [])]
+
+    def export(self, head: str, classes: Sequence[str]) -> dict:
+        """What each part of a head read, as an export records it."""
+        parts = {}
+        for part in head_names(head):
+            spec = HEADS[part]
+            if spec.export is not None:
+                parts[part] = spec.export(self, classes)
+            else:
+                sentences = {c: list(spec.sentences(self, classes, c) or []) for c in classes}
+                parts[part] = {"sentences": sum(map(len, sentences.values())),
+                               "example": {classes[0]: sentences[classes[0]][:3]}}
+        return {"parts": parts, "notes": self.fallback_notes()}
 
     def fallback_notes(self) -> list[str]:
         """One line per built head that gave some classes another head's embedding."""
         notes = []
-        for (head, classes, _), missing in self.fallbacks.items():
+        for (head, classes), missing in self.fallbacks.items():
             if missing:
                 shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
                 notes.append(f"{head} head: no sentences for {len(missing)} of {len(classes)} classes, which use the "
                              f"{HEADS[head].fallback} head instead: {shown}")
         return notes
 
-    def get(self, head: str, classes: Sequence[str], dataset: str | None = None) -> torch.Tensor:
-        key = (head, tuple(classes), dataset)
+    def get(self, head: str, classes: Sequence[str]) -> torch.Tensor:
+        key = (head, tuple(classes))
         if key not in self._memo:
             parts = head_names(head)
             if len(parts) > 1:
-                self._memo[key] = F.normalize(sum(self.get(p, classes, dataset) for p in parts), dim=-1)
+                self._memo[key] = F.normalize(sum(self.get(p, classes) for p in parts), dim=-1)
             else:
-                self._memo[key] = self._build(head, list(classes), dataset)
+                self._memo[key] = self._build(head, list(classes))
         return self._memo[key]
 
-    def _build(self, head: str, classes: list[str], dataset: str | None) -> torch.Tensor:
+    def _build(self, head: str, classes: list[str]) -> torch.Tensor:
         spec = HEADS[head]
-        if isinstance(spec, PromptHead):
-            if self.prompts is None:
-                raise ProtextError(f"head '{head}' needs learned prompts (--prompts DIR)")
-            return self.prompts.encode_classes(classes, protext_template(dataset, self.cross_dataset))
-        sentences = {c: spec.sentences(self, dataset, classes, c) for c in classes}
+        if not self.inputs.has(spec.needs):
+            raise ProtextError(f"head '{head}' needs {spec.needs} ({spec.given_by})")
+        if spec.encode is not None:
+            return spec.encode(self, classes)
+        sentences = {c: spec.sentences(self, classes, c) for c in classes}
         have = [c for c in classes if sentences[c]]
         missing = [c for c in classes if not sentences[c]]
         if missing and spec.fallback is None:
             shown = ", ".join(repr(c) for c in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise ProtextError(f"head '{head}' needs {spec.needs or 'sentences'} for every class; none for {shown}")
-        self.fallbacks[(head, tuple(classes), dataset)] = missing
+            raise ProtextError(f"head '{head}' needs {spec.needs or 'sentences'} ({spec.given_by}) for every class; "
+                               f"none for {shown}")
+        self.fallbacks[(head, tuple(classes))] = missing
         flat = [s for c in have for s in sentences[c]]
-        feats = encode_texts(self.backbone, flat, self.cache_dir, show_progress=len(flat) > 5000)
+        feats = encode_texts(self.backbone, flat, self.ctx, show=len(flat) > 5000)
         rows: dict[str, torch.Tensor] = {}
         start = 0
         for c in have:
@@ -214,5 +298,5 @@ class Heads:
             rows[c] = ensemble(part) if spec.renormalize else part.mean(0)
             start += len(sentences[c])
         if missing:
-            rows.update(zip(missing, self.get(spec.fallback, missing, dataset)))
+            rows.update(zip(missing, self.get(spec.fallback, missing)))
         return torch.stack([rows[c] for c in classes])

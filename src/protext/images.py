@@ -26,13 +26,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from PIL import Image
 
+K = TypeVar("K")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -200,31 +201,37 @@ def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[floa
         raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
 
 
-def decode_ahead(paths: Sequence[str | Path], size: Size, mean: Sequence[float], std: Sequence[float],
-                 workers: int, window: int) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """(index, pixels or the reason the image is unreadable), in order, decoded in `workers`
-    threads at most `window` images ahead: decoding overlaps the model (PIL and torch release
-    the GIL) and memory stays flat however many paths there are."""
+def pixels_of(item: str | Path | Image.Image | torch.Tensor, size: Size, mean: Sequence[float],
+              std: Sequence[float]) -> torch.Tensor | str:
+    """The model's input for one item (a file, a URI, a PIL image, or pixels already preprocessed),
+    or the reason it is unreadable."""
+    if isinstance(item, torch.Tensor):
+        return item
+    try:
+        return load_pixels(item, size, mean, std)
+    except UnreadableImage as e:
+        return str(e)
 
-    def decode(path: str | Path) -> torch.Tensor | str:
-        try:
-            return load_pixels(path, size, mean, std)
-        except UnreadableImage as e:
-            return str(e)
 
+def decode_ahead(items: Iterable[tuple[K, str | Path | Image.Image | torch.Tensor]], size: Size,
+                 mean: Sequence[float], std: Sequence[float], workers: int,
+                 window: int) -> Iterator[tuple[K, torch.Tensor | str]]:
+    """(key, pixels or the reason the image is unreadable) for each (key, item), in order, decoded in
+    `workers` threads at most `window` images ahead: decoding overlaps the model (PIL and torch
+    release the GIL) and memory stays flat however many items there are, even from a stream."""
     with ThreadPoolExecutor(workers, thread_name_prefix="protext-decode") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        upcoming = iter(enumerate(paths))
-        for i, path in upcoming:
-            pending.append((i, pool.submit(decode, path)))
+        pending: deque[tuple[K, Future]] = deque()
+        upcoming = iter(items)
+        for key, item in upcoming:
+            pending.append((key, pool.submit(pixels_of, item, size, mean, std)))
             if len(pending) >= window:
                 break
         while pending:
-            i, future = pending.popleft()
+            key, future = pending.popleft()
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(decode, nxt[1])))
-            yield i, future.result()
+                pending.append((nxt[0], pool.submit(pixels_of, nxt[1], size, mean, std)))
+            yield key, future.result()
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from torch import nn
 from .backbone import Backbone, load_backbone
 from .cache import atomic_save_tensors, atomic_write_json, file_sha256, load_tensors, remove_stale_temporaries
 from .errors import ProtextError
+from .flags import option
 from .templates import check_template
 from .text_encoder import Tokens
 
@@ -28,31 +29,51 @@ PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "protext_config.json"
 INIT_PHRASE = "a photo of a"
 DEFAULT_TEMPLATE = "a photo of a {}."
-RANDOM = "random"  # init: random context vectors instead of the embeddings of words
-FORMAT_VERSION = 1  # of protext_config.json; readers ignore keys they do not know
+INITS = ("words", "random")
+FORMAT_VERSION = 2  # of protext_config.json; readers ignore keys they do not know (1: init held the words)
 
 
 @dataclass
-class PromptConfig:
+class PromptShape:
+    """The shape of a prompt set, declared once: part of `PromptConfig` (what a prompt file is) and
+    of `TrainConfig` (where each field is a flag of `protext train`)."""
+
+    n_ctx: int = option(4, "number of context vectors (they take the place of 'a photo of a')")
+    depth: int = option(9, "number of layers that get prompts (1 = input only)")
+    init: str = option("words", "how the context starts: 'words' (the embeddings of init_words) or 'random' (normal, "
+                                "std 0.02, with the placeholder 'X X ... X' in the template)", choices=INITS)
+    init_words: str = option(INIT_PHRASE, "with init 'words': the words the context starts from (exactly n_ctx "
+                                          "tokens)")
+    template: str = option(DEFAULT_TEMPLATE, "training and inference template; '{}' is the class name")
+
+    @property
+    def placeholder(self) -> str:
+        """The words whose positions the context vectors take."""
+        return " ".join(["X"] * self.n_ctx) if self.init == "random" else self.init_words
+
+
+def upgrade_init(values: dict) -> dict:
+    """Settings written when `init` held the words themselves (or "random", or null) in today's words."""
+    init = values.get("init")
+    if init is None and "init" in values:
+        return {**values, "init": "random"}
+    if isinstance(init, str) and init not in INITS:
+        return {**values, "init": "words", "init_words": init}
+    return values
+
+
+@dataclass
+class PromptConfig(PromptShape):
     """What a prompt file needs to be used again: the backbone and the prompt shape."""
 
-    backbone: str
-    revision: str | None
-    n_ctx: int = 4
-    depth: int = 9
-    init: str = INIT_PHRASE  # the words the context starts from, or "random" (placeholder "X X … X")
-    template: str = DEFAULT_TEMPLATE
+    backbone: str = ""
+    revision: str | None = None
     width: int = 0
     fingerprint: str = ""
     tower: str = ""  # the kind of text tower: clip, bert, siglip, siglip2 ("" in older files: not checked)
     training: dict[str, Any] = field(default_factory=dict)
     prompts_sha256: str = ""  # digest of the prompts file this config was written with
     format_version: int = FORMAT_VERSION
-
-    @property
-    def placeholder(self) -> str:
-        """The words whose positions the context vectors take."""
-        return " ".join(["X"] * self.n_ctx) if self.init == RANDOM else self.init
 
 
 def prompted_text(template: str, name: str, placeholder: str) -> str:
@@ -68,6 +89,8 @@ class ProText(nn.Module):
     def __init__(self, backbone: Backbone, config: PromptConfig, prompts: torch.Tensor | None = None):
         super().__init__()
         text = backbone.text
+        if config.init not in INITS:
+            raise ProtextError(f"init must be one of {', '.join(INITS)}, got {config.init!r} (the words go in init_words)")
         if not 1 <= config.depth <= text.num_layers:
             raise ProtextError(f"depth must be between 1 and {text.num_layers} for '{backbone.name}', got {config.depth}")
         if config.n_ctx < 1:
@@ -97,18 +120,17 @@ class ProText(nn.Module):
         self.prompts = nn.Parameter(prompts.float().to(backbone.device))
 
     @classmethod
-    def create(cls, backbone: Backbone, n_ctx: int = 4, depth: int = 9, init: str = INIT_PHRASE,
-               template: str = DEFAULT_TEMPLATE, seed: int = 0) -> "ProText":
+    def create(cls, backbone: Backbone, seed: int = 0, **shape) -> "ProText":
+        """New prompts on `backbone`; `shape` holds `PromptShape` fields (n_ctx=4, depth=9, ...)."""
         torch.manual_seed(seed)
-        cfg = PromptConfig(backbone.name, backbone.revision, n_ctx, depth, init, template)
-        return cls(backbone, cfg)
+        return cls(backbone, PromptConfig(backbone=backbone.name, revision=backbone.revision, **shape))
 
     def _initial_prompts(self) -> torch.Tensor:
         cfg, text = self.config, self.backbone.text
         prompts = torch.randn(cfg.depth, cfg.n_ctx, text.width) * 0.02
-        if cfg.init != RANDOM:
+        if cfg.init == "words":
             start = text.prompt_start
-            ids = text.tokenize([cfg.init]).ids[0, start : start + cfg.n_ctx].to(text.device)
+            ids = text.tokenize([cfg.init_words]).ids[0, start : start + cfg.n_ctx].to(text.device)
             prompts[0] = text.token_embedding(ids).detach().float().cpu()
         return prompts
 
@@ -215,8 +237,9 @@ def read_config(path: Path) -> PromptConfig:
     for key, kind in (("n_ctx", int), ("depth", int), ("backbone", str)):
         if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise ProtextError(f"{path}: '{key}' should be {kind.__name__}, got {raw[key]!r}")
-    if raw.get("init", RANDOM) is None:  # files of protext 0.1 wrote null for random
-        raw["init"] = RANDOM
+    raw = {**upgrade_init(raw), "format_version": FORMAT_VERSION}  # read in this version's words
+    if raw.get("init", "words") not in INITS:
+        raise ProtextError(f"{path}: 'init' should be one of {', '.join(INITS)}, got {raw['init']!r}")
     return PromptConfig(**{k: v for k, v in raw.items() if k in known})
 
 

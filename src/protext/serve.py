@@ -30,10 +30,10 @@ import math
 import re
 from collections import OrderedDict, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -42,13 +42,10 @@ from .backbone import Backbone
 from .classifier import ProTextClassifier
 from .descriptions import read_class_list
 from .errors import ProtextError
-from .heads import HEADS, default_heads, head_names
+from .flags import option
+from .context import Context
+from .heads import HEADS, HeadInputs, default_heads, head_names
 from .images import load_pixels
-from .model import ProText
-
-
-def _limit(default: float, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 def _number(value: object) -> bool:
@@ -59,20 +56,20 @@ def _number(value: object) -> bool:
 class Limits:
     """What one request, and the server as a whole, may ask for; each field is a flag of `protext serve`."""
 
-    max_upload_mb: float = _limit(32.0, "largest request body, all images together, in MiB")
-    max_images: int = _limit(16, "most images in one request")
-    max_pixels: int = _limit(40_000_000, "most pixels of one image, read from its header before decoding "
+    max_upload_mb: float = option(32.0, "largest request body, all images together, in MiB")
+    max_images: int = option(16, "most images in one request")
+    max_pixels: int = option(40_000_000, "most pixels of one image, read from its header before decoding "
                                          "(decompression bombs are refused here)")
-    max_labels: int = _limit(1000, "most labels in one request")
-    max_label_chars: int = _limit(100, "longest label, in characters")
-    max_batch: int = _limit(32, "most images in one forward pass")
-    max_wait_ms: float = _limit(10.0, "how long a forward pass waits for more images to batch")
-    max_queue: int = _limit(256, "most images accepted and not yet answered; more are refused with 503")
-    max_requests: int = _limit(64, "most classify requests in flight; more are refused with 503")
-    label_cache: int = _limit(64, "label sets (per head) whose class embeddings are kept, besides those loaded "
+    max_labels: int = option(1000, "most labels in one request")
+    max_label_chars: int = option(100, "longest label, in characters")
+    max_batch: int = option(32, "most images in one forward pass")
+    max_wait_ms: float = option(10.0, "how long a forward pass waits for more images to batch")
+    max_queue: int = option(256, "most images accepted and not yet answered; more are refused with 503")
+    max_requests: int = option(64, "most classify requests in flight; more are refused with 503")
+    label_cache: int = option(64, "label sets (per head) whose class embeddings are kept, besides those loaded "
                                   "at start")
-    decode_workers: int = _limit(2, "threads decoding uploaded images")
-    top_k: int = _limit(5, "labels per image when a request names no top_k")
+    decode_workers: int = option(2, "threads decoding uploaded images")
+    top_k: int = option(5, "labels per image when a request names no top_k")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -191,28 +188,26 @@ class Batcher:
 class Service:
     """The classifier behind the API: label sets, class embeddings, batched image features.
 
-    Takes loaded objects, as `ProTextClassifier` does; `classifier_options` (descriptions,
-    descriptors, cross_dataset, ...) are passed on to every `ProTextClassifier` it builds.
-    The sets in `label_sets` are encoded with the default head at once, so a bad set fails
-    at start rather than at the first request.
+    Takes loaded objects, as `ProTextClassifier` does (`classifier.load_inputs` loads them from
+    names); every classifier it builds reads the same `inputs`. The sets in `label_sets` are
+    encoded with the default head at once, so a bad set fails at start rather than at the first
+    request.
     """
 
-    def __init__(self, backbone: Backbone, prompts: ProText | None = None,
+    def __init__(self, backbone: Backbone, inputs: HeadInputs = HeadInputs(),
                  label_sets: Mapping[str, Sequence[str]] | None = None, head: str | None = None,
-                 dataset: str | None = None, limits: Limits = Limits(), cache_dir: Path | None = None,
-                 **classifier_options: Any):
+                 limits: Limits = Limits(), ctx: Context = Context()):
         if backbone.image is None:
             raise ProtextError(f"backbone '{backbone.name}' has no image tower; image classification needs a CLIP or SigLIP")
-        self.backbone, self.prompts, self.limits = backbone, prompts, limits
-        self.head = head or default_heads(prompts is not None, bool(classifier_options.get("descriptions")))[-1]
+        self.backbone, self.inputs, self.limits = backbone, inputs, limits
+        self.head = head or default_heads(inputs)[-1]
         head_names(self.head)
-        self._make = partial(ProTextClassifier, backbone, prompts=prompts, dataset=dataset, cache_dir=cache_dir,
-                             **classifier_options)
+        self._make = partial(ProTextClassifier, backbone, inputs=inputs, ctx=ctx)
         self.label_sets = {name: list(labels) for name, labels in (label_sets or {}).items()}
         self._pinned: dict[tuple, ProTextClassifier] = {}
         for name, labels in self.label_sets.items():
             self._check_labels(labels, f"label set '{name}'", ProtextError)
-            self._pinned[(self.head, tuple(labels))] = self._make(labels, head=self.head)
+            self._pinned[(self.head, tuple(labels))] = self._make(labels, self.head)
         self._cache: OrderedDict[tuple, ProTextClassifier] = OrderedDict()
         self._building: dict[tuple, asyncio.Future] = {}
         self.label_sets_encoded = 0
@@ -288,7 +283,7 @@ class Service:
             return self._cache[key]
         future = self._building.get(key)
         if future is None:
-            build = partial(self._make, list(labels), head=head)
+            build = partial(self._make, list(labels), head)
             future = asyncio.get_running_loop().run_in_executor(self._labels_thread, build)
             self._building[key] = future
             future.add_done_callback(partial(self._built, key))
@@ -327,7 +322,7 @@ class Service:
 
     async def classify(self, images: Sequence[tuple[str, bytes]], labels: Sequence[str] | None = None,
                        label_set: str | None = None, head: str | None = None, top_k: int | None = None,
-                       scores: str = "softmax") -> dict:
+                       activation: str = "softmax") -> dict:
         """Top-k labels with probabilities for each image: the answer of `POST /v1/classify`."""
         lim = self.limits
         head = self.resolve_head(head)
@@ -342,25 +337,25 @@ class Service:
                                 f"(--max-images)")
         clf = await self.classifier(head, names)
         try:
-            clf.check_scores(scores)
+            clf.check_activation(activation)
         except ProtextError as e:
             raise ApiError(400, str(e)) from e
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(*(loop.run_in_executor(self._decoders, self.decode, name, data)
                                         for name, data in images))
         feats = await self.batcher.features(pixels)
-        probs = clf.probabilities(feats, scores)
+        probs = clf.probabilities(feats, activation)
         values, idx = probs.topk(min(k, len(names)), dim=1)
         results = [{"image": name, "top": [{"label": names[j], "prob": p} for p, j in zip(vs.tolist(), ix.tolist())]}
                    for (name, _), vs, ix in zip(images, values, idx)]
-        return {"head": head, "label_set": set_name, "labels": len(names), "scores": scores, "results": results}
+        return {"head": head, "label_set": set_name, "labels": len(names), "activation": activation, "results": results}
 
     def info(self) -> dict:
         """What `GET /v1/label-sets` answers: the sets, the heads, the defaults."""
         return {"label_sets": [{"name": n, "size": len(v), "labels": v} for n, v in self.label_sets.items()],
                 "default_label_set": next(iter(self.label_sets), None),
                 "heads": [self.head] + [h for h in HEADS if h != self.head], "default_head": self.head,
-                "top_k": self.limits.top_k, "backbone": self.backbone.name, "prompts": self.prompts is not None}
+                "top_k": self.limits.top_k, "backbone": self.backbone.name, "prompts": self.inputs.prompts is not None}
 
     def health(self) -> dict:
         """What `GET /healthz` answers: liveness, the batching counters, label sets encoded and kept, the limits."""

@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .cache import atomic_write_bytes, default_cache_dir
+from .cache import atomic_write_bytes
+from .context import Context
 from .errors import ProtextError
 
 _CUPL = "https://raw.githubusercontent.com/sarahpratt/CuPL/719619c829792ff8f37298266e941b7f077c7f5c/all_prompts"
@@ -75,15 +76,15 @@ def dataset_of(set_name: str) -> str | None:
     return name if name in CUPL_FILES or name in DCLIP_FILES or name.startswith("imagenet") else None
 
 
-def cached_path(name: str, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / "descriptions" / (name.replace(":", "-") + ".json")
+def cached_path(name: str, ctx: Context = Context()) -> Path:
+    return ctx.cache / "descriptions" / (name.replace(":", "-") + ".json")
 
 
-def fetch(name: str, cache_dir: Path | None = None, timeout: float = 30.0) -> Path:
+def fetch(name: str, ctx: Context = Context(), timeout: float = 30.0) -> Path:
     """Download the named set into the cache (once) and return its path."""
     if name not in SOURCES:
         raise ProtextError(f"unknown description set {name!r}; known: {', '.join(sorted(SOURCES))}")
-    path = cached_path(name, cache_dir)
+    path = cached_path(name, ctx)
     if path.is_file():
         return path
     url = SOURCES[name]
@@ -101,7 +102,7 @@ def fetch(name: str, cache_dir: Path | None = None, timeout: float = 30.0) -> Pa
     return path
 
 
-def load_descriptors(spec: str, cache_dir: Path | None = None, published: bool | None = None) -> dict[str, list[str]]:
+def load_descriptors(spec: str, ctx: Context = Context(), published: bool | None = None) -> dict[str, list[str]]:
     """DCLIP descriptors from a file or a public set name (dclip:NAME).
 
     The published files leave some classes' lists empty or blank; for those sets only, such a
@@ -110,7 +111,7 @@ def load_descriptors(spec: str, cache_dir: Path | None = None, published: bool |
     `spec` is a set name)."""
     from .descriptions import load_descriptions, normalize_name, read_json
 
-    path = resolve(spec, cache_dir)
+    path = resolve(spec, ctx)
     if not (spec in SOURCES if published is None else published):
         return load_descriptions(path, item="descriptor")
     raw = read_json(path, "descriptor file")
@@ -120,10 +121,10 @@ def load_descriptors(spec: str, cache_dir: Path | None = None, published: bool |
     return {**data, **{normalize_name(k): [""] for k in empty}}
 
 
-def resolve(spec: str, cache_dir: Path | None = None) -> Path:
+def resolve(spec: str, ctx: Context = Context()) -> Path:
     """A description source: a known set name (downloaded if needed) or a file path."""
     if spec in SOURCES:
-        return fetch(spec, cache_dir)
+        return fetch(spec, ctx)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ProtextError(f"{spec}: no such description file, and not a known set ({', '.join(sorted(SOURCES))})")

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
-from .errors import ProtextError
-from .images import list_images
+from ..errors import ProtextError
+from ..images import list_images
 
 # name: (folder under the data root, image folder inside it, split file)
 SPLIT_DATASETS = {

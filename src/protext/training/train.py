@@ -17,62 +17,74 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .backbone import Backbone
-from .cache import atomic_save_tensors, load_tensors, sha1
-from .descriptions import pairs, read_json, read_text
-from .errors import ProtextError
-from .features import encode_texts
-from .model import DEFAULT_TEMPLATE, INIT_PHRASE, ProText, is_complete
-from .presets import PRESETS
-from .templates import check_template
+from ..backbone import Backbone
+from ..cache import atomic_save_tensors, load_tensors, sha1
+from ..descriptions import pairs, read_json, read_text
+from ..errors import ProtextError
+from ..context import Context
+from ..feature_cache import encode_texts
+from ..flags import option
+from ..model import INIT_PHRASE, INITS, ProText, PromptShape, is_complete, upgrade_init
+from ..templates import check_template
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+# The paper's training settings, by name; any value can be overridden by a flag or a config file.
+# All share: batch 256 pairs, AdamW (weight decay 0.1, betas 0.9/0.98), cosine schedule, 5 warm-up
+# epochs at a constant 1e-5, MSE x 1000, depth 9.
+PRESETS: dict[str, dict] = {
+    # Train once on ImageNet descriptions, test on other datasets.
+    "cross-dataset": dict(n_ctx=4, depth=9, lr=0.03, epochs=10, init="words", init_words=INIT_PHRASE),
+    # Domain generalisation and text-only supervised ImageNet: 16 random context vectors.
+    "imagenet-200ep": dict(n_ctx=16, depth=9, lr=0.0025, epochs=200, init="random"),
+    # Per dataset, base classes only (the official configs range 30-200 epochs; 30 here).
+    "base2novel": dict(n_ctx=4, depth=9, lr=0.03, epochs=30, init="words", init_words=INIT_PHRASE),
+    # Per dataset, all classes, evaluated on the same label set.
+    "text-only": dict(n_ctx=4, depth=9, lr=0.03, epochs=30, init="words", init_words=INIT_PHRASE),
+}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PromptShape):
     """Every setting of a run; each field's `help` is its documentation and its --flag's help.
-    Defaults are the cross-dataset preset."""
+    Defaults are the cross-dataset preset. The prompt shape comes from `PromptShape`."""
 
-    n_ctx: int = _setting(4, "number of context vectors (they take the place of 'a photo of a')")
-    depth: int = _setting(9, "number of layers that get prompts (1 = input only)")
-    init: str = _setting(INIT_PHRASE, "'random', or the words to initialise the context from (as many tokens as "
-                                      "n_ctx)")
-    template: str = _setting(DEFAULT_TEMPLATE, "training input template; '{}' is the class name")
-    lr: float = _setting(0.03, "peak learning rate")
-    epochs: int = _setting(10, "training epochs")
-    batch_size: int = _setting(256, "(class, description) pairs per batch")
-    weight_decay: float = _setting(0.1, "AdamW weight decay")
-    beta1: float = _setting(0.9, "AdamW beta1")
-    beta2: float = _setting(0.98, "AdamW beta2")
-    warmup_epochs: int = _setting(5, "epochs at the constant warm-up learning rate")
-    warmup_lr: float = _setting(1e-5, "warm-up learning rate")
-    loss: str = _setting("mse", "mse or l1")
-    loss_scale: float = _setting(1000.0, "loss multiplier")
-    seed: int = _setting(1, "random seed (initialisation and shuffling)")
-    precision: str = _setting("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (any device)")
-    batching: str = _setting("paper", "paper: each batch a random draw of pairs, as the paper; grouped: each batch "
+    lr: float = option(0.03, "peak learning rate")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(256, "(class, description) pairs per batch")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    warmup_epochs: int = option(5, "epochs at the constant warm-up learning rate")
+    warmup_lr: float = option(1e-5, "warm-up learning rate")
+    loss: str = option("mse", "mse or l1", choices=("mse", "l1"))
+    loss_scale: float = option(1000.0, "loss multiplier")
+    seed: int = option(1, "random seed (initialisation and shuffling)")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (any device)",
+                              choices=("auto", "fp32", "bf16", "fp16"))
+    batching: str = option("paper", "paper: each batch a random draw of pairs, as the paper; grouped: each batch "
                                       "drawn from about classes_per_batch classes, so a step encodes far fewer "
-                                      "distinct inputs (every pair is still seen once per epoch)")
-    classes_per_batch: int = _setting(8, "grouped batching: classes whose pairs fill a batch together")
+                                      "distinct inputs (every pair is still seen once per epoch)",
+                              choices=("paper", "grouped"))
+    classes_per_batch: int = option(8, "grouped batching: classes whose pairs fill a batch together")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
-        if not self.init.strip():
-            raise ProtextError("init must be 'random' or the words to initialise the context from, got ''")
+        if self.init not in INITS:
+            raise ProtextError(f"init must be 'words' or 'random', got {self.init!r}; the words themselves go in "
+                               f"init_words (--init-words)")
+        if self.init == "words" and not self.init_words.strip():
+            raise ProtextError("init_words must be the words to initialise the context from, got ''")
         if self.loss not in ("mse", "l1"):
             raise ProtextError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
         if self.batching not in ("paper", "grouped"):
@@ -214,12 +226,10 @@ def _data_hash(data: Mapping[str, Sequence[str]]) -> str:
 
 
 def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: TrainConfig, out_dir: str | Path,
-          cache_dir: Path | None = None, resume: bool = False, show_progress: bool = True,
+          ctx: Context = Context(), resume: bool = False,
           log_every: int = 20, on_epoch: Callable[[int, float], None] | None = None,
           source: str | None = None) -> tuple[ProText, dict]:
     """Train prompts on `descriptions` and save them in `out_dir`; returns the model and a summary."""
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ProtextError(f"{out}: --out must be a folder (it will hold the prompt files), but a file is there")
@@ -230,9 +240,9 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     data_hash = _data_hash(descriptions)
     t0 = time.time()
     # Settings are checked against the backbone before the long one-time encoding starts.
-    model = ProText.create(backbone, cfg.n_ctx, cfg.depth, cfg.init, cfg.template, seed=cfg.seed)
+    model = ProText.create(backbone, seed=cfg.seed, **{f.name: getattr(cfg, f.name) for f in fields(PromptShape)})
     class_tokens = model.class_token_lists(classes)
-    targets_all = encode_texts(backbone, texts, cache_dir, show_progress)
+    targets_all = encode_texts(backbone, texts, ctx)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
     cls_t = torch.tensor(cls_idx, dtype=torch.long)
@@ -246,8 +256,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     steps_per_epoch = math.ceil(n_pairs / cfg.batch_size)
     log_path = out / LOG_FILE
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=steps_per_epoch * start_epoch, desc="training",
-               unit="step", disable=not show_progress)
+    bar = ctx.bar(steps_per_epoch * cfg.epochs, "training", "step", initial=steps_per_epoch * start_epoch)
     with bar, open(log_path, "a") as log:
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at(cfg, epoch)
@@ -300,7 +309,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
 
 
 def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] | Callable[[], Mapping],
-                  cfg: TrainConfig, folder: str | Path, cache_dir: Path | None = None, show_progress: bool = True,
+                  cfg: TrainConfig, folder: str | Path, ctx: Context = Context(),
                   source: str | None = None) -> ProText:
     """The prompts in `folder` when a finished run is there, else train them there (resuming
     an interrupted run). Benchmarks and the image-free check use this, so a rerun reuses work.
@@ -308,7 +317,7 @@ def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] 
     if is_complete(folder):
         return ProText.from_pretrained(folder, backbone=backbone)
     data = descriptions() if callable(descriptions) else descriptions
-    model, _ = train(backbone, data, cfg, folder, cache_dir, resume=True, show_progress=show_progress, source=source)
+    model, _ = train(backbone, data, cfg, folder, ctx, resume=True, source=source)
     return model
 
 
@@ -366,7 +375,7 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
         meta = json.loads((f.metadata() or {}).get("protext_checkpoint", "null") or "null")
     if not meta or "prompts" not in tensors or "optimizer" not in meta:
         raise ProtextError(f"{path}: not a checkpoint this protext can resume; train again into a new --out")
-    saved = meta["config"]
+    saved = upgrade_init(meta["config"])  # checkpoints written when init held the words
     diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from .cache import atomic_write_json
-from .descriptions import normalize_name, parse_descriptions, read_json
-from .errors import ProtextError
+from ..cache import atomic_write_json
+from ..context import Context
+from ..descriptions import normalize_name, parse_descriptions, read_json
+from ..errors import ProtextError
 
 # Our own question sets, one per kind of label. "{}" is the class name.
 QUESTIONS: dict[str, list[str]] = {
@@ -331,15 +332,13 @@ def save_answers(path: Path, answers: Answers) -> None:
 
 
 def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Generator, samples: int = 3,
-             concurrency: int = 4, max_chars: int = 300, show_progress: bool = True,
+             concurrency: int = 4, max_chars: int = 300, ctx: Context = Context(),
              questions: Sequence[str] | None = None) -> dict:
     """Describe every class not yet in `out`; returns a report of what was asked and saved.
 
     Asks only for the answers neither `out` nor its sidecar file (see `answers_path`) holds. A request that
     fails, for whatever reason, fails its class only; a FatalError stops the run, sending no further request.
     """
-    from tqdm.auto import tqdm
-
     if questions is None:
         if kind not in QUESTIONS:
             raise ProtextError(f"unknown --dataset-kind {kind!r}; choose from {', '.join(QUESTIONS)}")
@@ -380,7 +379,7 @@ def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Gener
         atomic_write_json(out, saved)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
-            tqdm(total=len(todo), desc="describing", unit="class", disable=not show_progress) as bar:
+            ctx.bar(len(todo), "describing", "class") as bar:
         for name in todo:
             if not pending[name]:  # every answer came from an earlier run
                 finish(name)
