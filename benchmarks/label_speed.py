@@ -4,7 +4,7 @@ Model: a randomly initialised CLIP with ViT-B/16's image tower (width 768, 12 la
 16 px patches) and text tower. Images: the real ImageNet JPEGs in ../shared/data.
 
 - label: `protext.label.label` into a fresh .jsonl: decoding in threads overlapping the
-  forward, probabilities, top-k rows, chunks written atomically, the output file at the end;
+  forward, probabilities, top-k rows, parts written atomically, the output file at the end;
 - bare forward: the same image tower and head on tensors decoded and preprocessed
   beforehand (not timed).
 
@@ -73,7 +73,7 @@ def main() -> None:
     print("|---|---|")
     print(f"rounds (bare, label): {', '.join(f'({b:.2f}, {v:.2f})' for b, v in rounds)}")
     print(f"| bare forward + softmax on decoded tensors (fastest round) | {bare:.2f} |")
-    print(f"| protext label: decode + preprocess + forward + rows + atomic chunks + output (fastest round) | {labelled:.2f} |")
+    print(f"| protext label: decode + preprocess + forward + rows + atomic parts + output (fastest round) | {labelled:.2f} |")
     print(f"label / bare forward images per second: {labelled / bare:.2f}")
 
 

@@ -143,3 +143,28 @@ def test_eval_reports_an_empty_class_folder(tiny_folder, tmp_path, capsys, share
     assert "note:" in err and "truck" in err
     row = json.loads((tmp_path / "row.json").read_text())
     assert row["classes"] == 3 and row["images"] == 4 and any("truck" in n for n in row["notes"])
+
+
+def test_ctrl_c_prints_a_hint_that_fits_the_command(monkeypatch, capsys):
+    import protext.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for command in ("train", "label", "describe"):
+        name, description, flags, _, text = cli.COMMANDS[command]
+        monkeypatch.setitem(cli.COMMANDS, command, (name, description, flags, interrupted, text))
+    assert main(["train"]) == 130 and "rerun with --resume" in capsys.readouterr().err
+    assert main(["label", "x.jpg", "--classes", "a,b", "--output", "o.jsonl"]) == 130
+    assert "finished parts are kept: rerun the same command" in capsys.readouterr().err
+    assert main(["describe", "--classes", "a", "--output", "d.json"]) == 130
+    assert "ask only for the rest" in capsys.readouterr().err
+
+
+def test_version_and_help_answer(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("protext 0.")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "label" in capsys.readouterr().out

@@ -23,8 +23,8 @@ def clf(prompts_dir, tmp_path_factory):
     return ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path_factory.mktemp("cache"), "cpu"))
 
 
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def docs_example() -> str:
+    text = (ROOT / "docs" / "commands" / "export.md").read_text()
     block = text.split("<!-- export-example -->", 1)[1].split("<!-- /export-example -->", 1)[0]
     return block.strip().removeprefix("```python").removesuffix("```")
 
@@ -46,7 +46,7 @@ def test_exported_files_reproduce_the_classifier_with_transformers_alone(clf, pr
     shutil.copy(image, tmp_path / "a.jpg")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(readme_example(), scope)  # the README's lines, as they are
+    exec(docs_example(), scope)  # the export page's lines, as they are
     want = clf.predict(image)
     assert torch.allclose(scope["probs"], want.probs, atol=1e-4)
     assert scope["probs"].argmax().item() == CLASSES.index(want.labels[0])
