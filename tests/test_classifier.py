@@ -147,3 +147,14 @@ def test_cross_dataset_switches_the_protext_template_dataset_alone_does_not(tiny
     cross = ProTextClassifier(tiny, CLASSES, inputs=HeadInputs(prompts, dataset="oxford_pets", cross_dataset=True))
     assert torch.allclose(plain.weights, prompts.encode_classes(CLASSES, "a photo of a {}."), atol=1e-6)
     assert torch.allclose(cross.weights, prompts.encode_classes(CLASSES, "a photo of a {}, a type of pet."), atol=1e-6)
+
+
+def test_class_names_longer_than_the_context_are_refused_by_name(tiny, prompts, tmp_path):
+    long_a = " ".join(["photo"] * 80) + " alpha"
+    long_b = " ".join(["photo"] * 80) + " beta"  # the same as long_a once cut at 77 tokens
+    for head in ("clip", "clip80", "protext", "waffle"):
+        with pytest.raises(ProtextError, match=r"2 class names are too long for the 77-token context .* head "
+                                               rf"'{head}'.*'photo photo"):
+            ProTextClassifier(tiny, ["cat", long_a, long_b], head, HeadInputs(prompts), Context(tmp_path))
+    fits = " ".join(["photo"] * 60)
+    assert ProTextClassifier(tiny, ["cat", fits], "clip", ctx=Context(tmp_path)).weights.shape[0] == 2

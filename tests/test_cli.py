@@ -168,3 +168,96 @@ def test_version_and_help_answer(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "label" in capsys.readouterr().out
+
+
+def test_unwritable_outputs_are_refused_before_any_work_naming_the_path(tiny_folder, tmp_path, capsys, shared,
+                                                                        monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    blocked = tmp_path / "a-file" / "below"  # no one can create anything here, root included
+    image = str(next((shared / "images").rglob("*.jpg")))
+    common = ["--backbone", str(tiny_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    for argv, flag in (
+        (["label", image, "--classes", "a,b", "--output", str(blocked / "l.jsonl"), *common], "--output"),
+        (["features", image, "--out", str(blocked), *common], "--out"),
+        (["train", "--descriptions", str(CUPL / "eurosat_prompts_full.json"), "--out", str(blocked), *common], "--out"),
+        (["export", "--classes", "a,b", "--out", str(blocked), *common], "--out"),
+        (["eval", "--dataset", "folder", "--data-root", str(shared / "images" / "cifar10_test_sample"), "--output",
+          str(blocked / "row.json"), *common], "--output"),
+        (["describe", "--classes", "a,b", "--output", str(blocked / "d.json"), "--base-url", "http://127.0.0.1:9"],
+         "--output"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{flag} {blocked}" in err and "cannot be written" in err and "Traceback" not in err, err
+    monkeypatch.setenv("PROTEXT_CACHE", str(blocked))
+    assert main(["predict", "--backbone", str(tiny_folder), "--classes", "a,b", image]) == 2
+    assert "the cache folder (--cache-dir, or $PROTEXT_CACHE)" in capsys.readouterr().err
+
+
+def test_one_rule_for_blank_class_names_and_clear_words_for_mistakes(tiny_folder, tmp_path, capsys, shared):
+    image = str(next((shared / "images").rglob("*.jpg")))
+    common = ["--backbone", str(tiny_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    (tmp_path / "classes.json").write_text(json.dumps(["cat", "", "dog"]))
+    for command in (["predict", image], ["label", image, "--output", str(tmp_path / "l.jsonl")],
+                    ["export", "--out", str(tmp_path / "e")]):
+        assert main([*command, "--classes", str(tmp_path / "classes.json"), *common]) == 2
+        assert "item 2 of the list is a blank class name" in capsys.readouterr().err
+    assert main(["predict", image, "--classes", "a,b", "--backbone", "./nope_model"]) == 2
+    assert "--backbone ./nope_model: no such folder" in capsys.readouterr().err
+    assert main(["label", image, "--classes", "a,b", "--output", str(tmp_path), *common]) == 2
+    assert "is a folder; give a file name ending with .jsonl" in capsys.readouterr().err
+    assert main(["predict", image, "--classes", "a,b", "--head", "cupl", "--descriptions", "cupl:nope", *common]) == 2
+    err = capsys.readouterr().err
+    assert "cupl:imagenet" in err and "dclip:" not in err  # only the sets that fit the flag
+    assert main(["train", "--descriptions", str(CUPL / "eurosat_prompts_full.json"), "--epochs", "0",
+                 "--out", str(tmp_path / "p"), *common]) == 2
+    assert "epochs (--epochs) must be at least 1" in capsys.readouterr().err
+
+
+def test_no_progress_is_quiet_and_a_warm_up_only_run_is_warned_about(tiny_folder, tmp_path, capsys):
+    assert main(["train", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
+                 "--classes", "forest,river", "--depth", "2", "--epochs", "2", "--out", str(tmp_path / "p"),
+                 "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err
+    assert "warning: epochs (2) is not more than warmup_epochs (5)" in err and "warnings.warn(" not in err
+
+
+def test_eval_exits_2_when_no_image_could_be_read_and_names_an_empty_half(tiny_folder, tmp_path, capsys):
+    root = tmp_path / "imgs"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(b"broken")
+    common = ["--backbone", str(tiny_folder), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main(["eval", "--dataset", "folder", "--data-root", str(root), *common]) == 2
+    assert "none of the 1 images of imgs could be read" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "folder", "--data-root", str(root), "--subset", "novel", *common]) == 2
+    assert "its novel half (1 of 2 classes: dog) has no images" in capsys.readouterr().err
+
+
+def test_links_to_folders_are_followed_and_bad_links_are_said(tmp_path, shared):
+    from protext.engine import collect
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, f in enumerate(sorted((shared / "images" / "cifar10_test_sample" / "cat").iterdir())[:3]):
+        (real / f"{i}.jpg").write_bytes(f.read_bytes())
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "linked").symlink_to(real, target_is_directory=True)
+    (real / "back").symlink_to(top, target_is_directory=True)  # a loop
+    (top / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    notes = []
+    found = collect([top], notes)
+    assert [p.name for p in found] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert any("a link to a folder already listed (a loop)" in n for n in notes)
+    assert any("gone.jpg: a link to nothing (dangling)" in n for n in notes)
+
+
+def test_accuracies_are_exact_fractions():
+    import torch
+
+    from protext.metrics import top1
+
+    feats, labels = torch.eye(3)[[0, 1, 2] * 8 + [0]], torch.tensor([0, 1, 2] * 8 + [1])
+    assert top1(feats, labels, torch.eye(3)) == 100.0 * 24 / 25

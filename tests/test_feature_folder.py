@@ -55,7 +55,7 @@ def test_features_are_the_image_towers_in_parquet_parts_of_chunk_images(backbone
     stored = read_features(tmp_path / "f")
     assert stored.paths == [str(p) for p in paths]
     good = [i for i, e in enumerate(stored.errors) if e is None]
-    assert len(good) == len(paths) - 2 and stored.errors[10].startswith("UnidentifiedImageError")
+    assert len(good) == len(paths) - 2 and stored.errors[10].startswith("UnsupportedFormat: not an image in a format protext reads")
     want = tower_features(backbone, [paths[i] for i in good])
     assert torch.allclose(stored.feats[good], want, atol=1e-5)
     assert stored.feats[10].abs().sum() == 0 and stored.feats[good].norm(dim=-1).sub(1).abs().max() < 1e-5
@@ -183,3 +183,47 @@ def test_without_ray_or_pyarrow_the_commands_say_what_to_install(monkeypatch, tm
     assert main(["features", image, "--out", str(tmp_path / "f")]) == 2
     assert "pip install 'protext[parquet]'" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()  # refused before anything was written or loaded
+
+
+def test_damaged_parts_are_computed_again_copies_refused_and_labelling_stops_on_them(backbone, paths, tmp_path,
+                                                                                     prompts_dir, capsys):
+    out = tmp_path / "f"
+    write_features(backbone, paths, out, part_size=10, ctx=QUIET)
+    clean = read_features(out)
+    part = lambda i: out / f"part-{i:06d}.parquet"  # noqa: E731
+    part(1).write_bytes(part(1).read_bytes()[:100])  # truncated
+    part(2).write_bytes(b"garbage, not parquet")
+    (out / "_summary.json").write_text("{not json")
+    args = ["label", "--features", str(out), "--classes", ",".join(CLASSES), "--prompts", str(prompts_dir),
+            "--output", str(tmp_path / "l.jsonl"), "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 2 and "an unfinished folder" in capsys.readouterr().err  # nothing written from it
+    report = write_features(backbone, paths, out, part_size=10, ctx=QUIET)
+    assert (report.processed, report.reused) == (20, len(paths) - 20)  # exactly the two damaged parts
+    again = read_features(out)
+    assert again.paths == clean.paths and torch.equal(again.feats, clean.feats)
+
+    part(1).unlink()  # a part of a finished folder deleted
+    assert main(args) == 2 and "part-000001.parquet: missing" in capsys.readouterr().err
+    assert write_features(backbone, paths, out, part_size=10, ctx=QUIET).processed == 10
+
+    part(0).write_bytes(b"x")  # damaged after it was finished: labelling refuses it, never skips rows
+    assert main(args) == 2 and "its digest differs" in capsys.readouterr().err
+    write_features(backbone, paths, out, part_size=10, ctx=QUIET)
+    part(2).write_bytes(part(1).read_bytes())  # a copy of another part: its rows belong elsewhere
+    with pytest.raises(ProtextError, match="part-000002.parquet is a copy of part 1"):
+        write_features(backbone, paths, out, part_size=10, ctx=QUIET)
+
+
+def test_a_damaged_label_part_is_labelled_again(prompts_dir, paths, tmp_path):
+    from protext.label import open_parts
+
+    clf = ProTextClassifier.from_prompts(prompts_dir, CLASSES, Context(tmp_path / "c", "cpu"))
+    names = [str(p) for p in paths]
+    out = tmp_path / "l.jsonl"
+    label(clf, paths, tmp_path / "clean.jsonl", part_size=8, ctx=QUIET)
+    folder = open_parts(clf, names, out, 3, None, "softmax", 8)
+    folder.write(0, b'{"path": "truncat', 8, 0)  # a part whose file was cut after its record was written
+    (folder.folder / "part-000000.jsonl").write_bytes(b'{"path": "trunc')
+    report = label(clf, paths, out, part_size=8, ctx=QUIET)
+    assert report.processed == len(paths)
+    assert out.read_text() == (tmp_path / "clean.jsonl").read_text()

@@ -74,7 +74,7 @@ def test_label_writes_the_classifiers_top_k_for_every_image_in_three_formats(clf
         assert row["label"] == top[0][0] == row["top_labels"][0] and row["error"] is None
         assert row["top_labels"] == [c for c, _ in top]
         assert row["top_probs"] == pytest.approx([p for _, p in top], abs=2e-6)
-    assert rows[-2]["label"] is None and rows[-2]["error"].startswith("UnidentifiedImageError")
+    assert rows[-2]["label"] is None and rows[-2]["error"].startswith("UnsupportedFormat: not an image in a format protext reads")
 
 
 def test_min_prob_marks_uncertain_images_unknown_and_keeps_the_top_labels(clf, tmp_path):

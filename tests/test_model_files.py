@@ -236,3 +236,35 @@ def test_reports_are_strict_json():
     text = to_json({"loss": float("nan"), "rows": [1.0, float("inf")], "name": "café"})
     assert json.loads(text) == {"loss": None, "rows": [1.0, None], "name": "café"}
     assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.parametrize("tensor", ["token_embedding.weight", "position_embedding.weight", "blocks.0.mlp.fc1.weight",
+                                    "blocks.1.self_attn.q_proj.bias", "final_layer_norm.weight", "projection.weight"])
+def test_the_fingerprint_sees_every_kind_of_text_tensor(tiny_folder, tmp_path, tensor):
+    """Prompts on a backbone whose text weights changed anywhere (as fine-tuning changes them) are refused,
+    and its text features are cached apart."""
+    from protext.backbone import load_backbone
+    from protext.context import Context
+    from protext.feature_cache import feature_store
+
+    original = load_backbone(str(tiny_folder), device="cpu")
+    ProText.create(original, depth=2).save_pretrained(tmp_path / "p")
+    changed = load_backbone(str(tiny_folder), device="cpu")
+    with torch.no_grad():
+        changed.text.state_dict()[tensor].mul_(1.01).add_(0.001)
+    assert changed.fingerprint() != original.fingerprint() and changed.fingerprint().startswith("t2-")
+    with pytest.raises(ProtextError, match="weights differ"):
+        ProText.from_pretrained(tmp_path / "p", backbone=changed)
+    assert feature_store(changed, "text", Context(tmp_path)).folder != feature_store(original, "text", Context(tmp_path)).folder
+
+
+def test_prompt_files_with_the_earlier_fingerprint_still_load(tiny, tmp_path):
+    folder = ProText.create(tiny, depth=2).save_pretrained(tmp_path / "p")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg["fingerprint"] = tiny.legacy_fingerprint()  # as protext 0.2 wrote it
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
+    assert ProText.from_pretrained(folder, backbone=tiny).config.fingerprint == tiny.fingerprint()
+    cfg["fingerprint"] = "0123456789abcdef"
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ProtextError, match="weights differ"):
+        ProText.from_pretrained(folder, backbone=tiny)

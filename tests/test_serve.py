@@ -32,6 +32,7 @@ from protext.serve import Batcher, Busy, Limits, Service, load_label_sets
 
 CLASSES = ["airplane", "cat", "frog", "ship"]
 CIFAR = SHARED / "images" / "cifar10_test_sample"
+LOCAL = "http://127.0.0.1:8000"  # the Host header the server answers to (a test client says "testserver")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,10 @@ def assert_same_top(got, want):
     assert [p for g in got for _, p in g] == pytest.approx([p for w in want for _, p in w], abs=1e-5)
 
 
+# A PostScript file that loops for ever: PIL would hand it to Ghostscript, which never returns.
+EPS_LOOP = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{ } loop\n"
+
+
 def png_header(width, height):
     """A small PNG file that claims to be width x height: what a decompression bomb looks like to a header reader."""
     def chunk(kind, data):
@@ -65,7 +70,7 @@ def test_classify_answers_as_the_classifier_and_encodes_each_label_set_once(prom
     service = Service(backbone, HeadInputs(prompts), {"cifar": CLASSES}, ctx=Context(tmp_path))
     files = sorted((CIFAR / "cat").iterdir())[:3]
     labels = ["dog", "cat", "ship"]
-    with TestClient(create_app(service)) as client:
+    with TestClient(create_app(service), base_url=LOCAL) as client:
         r = client.post("/v1/classify", files=uploads(files), data={"labels": labels, "top_k": "2"})
         assert r.status_code == 200 and r.json()["head"] == "protext" and r.json()["label_set"] is None
         assert [x["image"] for x in r.json()["results"]] == [f.name for f in files]
@@ -111,11 +116,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(prompts,
         ({"files": uploads([good]), "data": {"label_set": "dogs"}}, 400, "unknown label set 'dogs'; known: cifar"),
         ({"files": uploads([good]), "data": {"label_set": "cifar", "labels": ["a"]}}, 400, "not both"),
         ({"files": uploads([good]), "data": {"top_k": "0"}}, 400, "top_k must be at least 1"),
-        ({"files": uploads([good]), "data": {"top_k": "many"}}, 422, "top_k: Input should be a valid integer"),
+        ({"files": uploads([good]), "data": {"top_k": "many"}}, 422, "top_k: must be a whole number, got 'many'"),
+        ({"files": uploads([good]), "data": {"scores": "softmax"}}, 422, "unknown form field(s) 'scores'"),
+        ({"files": [("images", ("loop.eps", EPS_LOOP))]}, 415, "loop.eps: not an image in a format protext reads"),
+        ({"files": uploads([good]), "data": {"top_k": ["1", "2"]}}, 422, "top_k: given 2 times"),
         ({"files": uploads([good]), "data": {"activation": "sigmoid"}}, 400, "sigmoid probabilities need"),
-        ({"data": {"labels": ["cat"]}}, 422, "images: Field required"),
+        ({"data": {"labels": ["cat"]}}, 400, "no images: send one or more files in the 'images' field"),
     ]
-    with TestClient(create_app(service)) as client:
+    with TestClient(create_app(service), base_url=LOCAL) as client:
         for request, status, message in cases:
             r = client.post("/v1/classify", **request)
             assert r.status_code == status, (message, r.text)
@@ -141,7 +149,7 @@ def test_an_internal_error_is_a_json_500_that_names_nothing_and_the_next_request
 
     monkeypatch.setattr(service, "image_features", flaky)
     image = sorted((CIFAR / "ship").iterdir())[:1]
-    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+    with TestClient(create_app(service), base_url=LOCAL, raise_server_exceptions=False) as client:
         r = client.post("/v1/classify", files=uploads(image))
         assert r.status_code == 500 and r.json() == {"error": "internal error; the server log has the details"}
         assert "secret" not in r.text and "Traceback" not in r.text
@@ -183,15 +191,16 @@ def test_batcher_shares_forward_passes_between_callers_and_bounds_its_queue():
 
 
 def test_openapi_schema_documents_the_api(prompts, tmp_path):
-    with TestClient(create_app(Service(prompts.backbone, HeadInputs(prompts), ctx=Context(tmp_path)))) as client:
+    with TestClient(create_app(Service(prompts.backbone, HeadInputs(prompts), ctx=Context(tmp_path))),
+                    base_url=LOCAL) as client:
         schema = client.get("/openapi.json").json()
         assert client.get("/docs").status_code == 404  # its page loads scripts from a CDN
-    assert set(schema["paths"]) == {"/v1/classify", "/v1/label-sets", "/healthz"}
+    assert set(schema["paths"]) == {"/v1/classify", "/v1/label-sets", "/healthz", "/readyz", "/metrics"}
     post = schema["paths"]["/v1/classify"]["post"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
     form = schema["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]] if "$ref" in form else form
     assert set(form["properties"]) == {"images", "labels", "label_set", "head", "top_k", "activation"}
-    assert {"200", "400", "413", "415", "422", "503"} <= set(post["responses"])
+    assert {"200", "400", "401", "403", "408", "413", "415", "422", "503", "504"} <= set(post["responses"])
     assert "ErrorBody" in schema["components"]["schemas"] and "Classified" in schema["components"]["schemas"]
 
 
@@ -384,3 +393,37 @@ def test_page_classifies_an_uploaded_image_in_headless_chromium(server, chromium
     urls = [e["params"]["request"]["url"] for e in page.events if e.get("method") == "Network.requestWillBeSent"]
     assert urls and all(u.startswith((server + "/", "blob:", "data:")) for u in urls), urls
     assert {u[len(server):] for u in urls if u.startswith(server)} == {"/", "/v1/label-sets", "/v1/classify"}
+
+
+def test_the_page_says_what_is_wrong_takes_label_files_and_works_by_keyboard(server, chromium, tmp_path):
+    page = chromium
+    page.call("Page.enable")
+    page.call("Page.navigate", url=server + "/")
+    page.wait_for("document.body && document.body.dataset.ready === '1'")
+    long_label = "a very long label that names a rather particular kind of frog"
+    (tmp_path / "labels.txt").write_text(f"cat\n{long_label}\nship\n")
+    image = tmp_path / "frog.jpg"
+    shutil.copy(sorted((CIFAR / "frog").iterdir())[0], image)
+    root = page.call("DOM.getDocument")["root"]["nodeId"]
+    node = page.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+    page.call("DOM.setFileInputFiles", files=[str(tmp_path / "labels.txt"), str(image)], nodeId=node)
+    page.wait_for("document.querySelectorAll('.result').length === 1")
+    assert page.evaluate("document.querySelector('#labels').value") == f"cat\n{long_label}\nship"
+    assert "labels from labels.txt" in page.evaluate("document.querySelector('#status').textContent")
+    shown = page.evaluate("[...document.querySelectorAll('.result .label')].map(l => [l.textContent, "
+                          "l.scrollWidth <= l.clientWidth + 1])")
+    assert [long_label, True] in shown  # the whole label, not cut at a few characters
+
+    page.evaluate("document.querySelector('#labels').value = ''; document.querySelector('#label-set').value = ''")
+    page.evaluate("document.querySelector('#classify').click()")
+    page.wait_for("document.querySelector('#status').className === 'error'")
+    assert "Enter the labels" in page.evaluate("document.querySelector('#status').textContent")
+    assert page.evaluate("document.querySelectorAll('.result').length") == 0  # old results do not stand beside it
+
+    page.evaluate("document.activeElement.blur()")
+    for _ in range(12):  # Tab through the page until the file chooser has the focus
+        for kind in ("keyDown", "keyUp"):
+            page.call("Input.dispatchKeyEvent", type=kind, key="Tab", code="Tab", windowsVirtualKeyCode=9)
+        if page.evaluate("document.activeElement && document.activeElement.id") == "choose":
+            break
+    assert page.evaluate("document.activeElement.id") == "choose"

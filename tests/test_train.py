@@ -311,7 +311,7 @@ def test_grouped_batching_visits_every_pair_once_from_few_classes(eurosat):
     paper_order = epoch_order(cls_t, paper, 3)
     per_paper_batch = [len(set(cls_t[paper_order[i : i + 50]].tolist())) for i in range(0, len(order), 50)]
     assert max(per_batch) <= 2 * 2 and sum(per_batch) < sum(per_paper_batch) / 2
-    with pytest.raises(ProtextError, match="batching must be"):
+    with pytest.raises(ProtextError, match=r"batching \(--batching\) must be one of paper, grouped"):
         TrainConfig(batching="random")
 
 

@@ -65,20 +65,24 @@ class ImageTower:
     @torch.no_grad()
     def fingerprint(self) -> str:
         """A short hash of everything that decides the image features: the vision weights, the
-        projection and the preprocessing. Image-feature caches are keyed by it, so a fine-tuned
-        vision tower saved under the same name (the text tower unchanged) gets new features.
-        Every tensor's name and shape count, and up to 4096 values spread evenly over it: a
-        change anywhere in a layer shows, and a ViT-L hashes in well under a second."""
+        projection and the preprocessing (see `digest_tensors`). Image-feature caches are keyed
+        by it, so a fine-tuned vision tower saved under the same name gets new features."""
         if self._fingerprint is None:
-            per_tensor = 4096
             h = hashlib.sha256(repr((self.image_size, tuple(self.mean), tuple(self.std))).encode())
-            for prefix, module in (("model", self.model), ("projection", self.projection)):
-                for name, tensor in module.state_dict().items():
-                    flat = tensor.detach().flatten()
-                    h.update(f"{prefix}.{name}{tuple(tensor.shape)}".encode())
-                    h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
+            digest_tensors(h, "model", self.model)
+            digest_tensors(h, "projection", self.projection)
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def digest_tensors(h, prefix: str, module: nn.Module, per_tensor: int = 4096) -> None:
+    """Feed `h` every tensor of `module`: its name, shape and dtype, and up to `per_tensor` values
+    spread evenly over it. A change anywhere in any layer shows (a whole row or block changes
+    many sampled values), and a ViT-L hashes in well under a second."""
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().flatten()
+        h.update(f"{prefix}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
 
 
 @dataclass
@@ -104,17 +108,32 @@ class Backbone:
             self.image.projection.to(device)
         return self
 
+    @torch.no_grad()
     def fingerprint(self) -> str:
-        """A short hash of the text tower's weights: the same weights under another name match."""
+        """A short hash of every tensor of the text tower (`digest_tensors`): the same weights under
+        another name match, and prompts, text-feature caches and training targets are keyed by it.
+        It starts with "t2-"; prompt files written before (`legacy_fingerprint`) are still read."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            emb = self.text.token_embedding.weight.detach().float().cpu()
-            h.update(str(tuple(emb.shape)).encode())
-            h.update(emb.flatten()[:65536].numpy().tobytes())
-            last = list(self.text.blocks[-1].parameters())[0].detach().float().cpu()
-            h.update(last.flatten()[:65536].numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            h = hashlib.sha256(self.text.kind.encode())
+            digest_tensors(h, "text", self.text)
+            self._fingerprint = "t2-" + h.hexdigest()[:16]
         return self._fingerprint
+
+    @torch.no_grad()
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint protext 0.2 recorded: the token embedding's first values and the last
+        block's first tensor only (a changed projection or early layer went unseen)."""
+        h = hashlib.sha256()
+        emb = self.text.token_embedding.weight.detach().float().cpu()
+        h.update(str(tuple(emb.shape)).encode())
+        h.update(emb.flatten()[:65536].numpy().tobytes())
+        last = list(self.text.blocks[-1].parameters())[0].detach().float().cpu()
+        h.update(last.flatten()[:65536].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def has_weights(self, recorded: str) -> bool:
+        """Whether a fingerprint recorded in a file (either rule) names this backbone's text weights."""
+        return recorded == (self.fingerprint() if recorded.startswith("t2-") else self.legacy_fingerprint())
 
 
 SUPPORTED = ("protext supports CLIP ('clip'), SigLIP and SigLIP 2 ('siglip', 'siglip2') and BERT-style text "
@@ -135,11 +154,23 @@ def _hub_error(name: str, revision: str | None, err: Exception) -> ProtextError:
     )
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, device: str | None = None) -> Backbone:
-    """Load `name` (Hub id or local folder) as a frozen backbone on `device` (default: CUDA if present)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
+def looks_like_folder(name: str) -> bool:
+    """A backbone name meant as a folder: a path prefix, more than one '/', or a backslash (Hub ids are 'org/name')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
+
+def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, device: str | None = None,
+                  progress: bool = True) -> Backbone:
+    """Load `name` (Hub id or local folder) as a frozen backbone on `device` (default: CUDA if present);
+    `progress` False keeps `transformers`' loading bars quiet too."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
+    from transformers.utils import logging as transformers_logging
+
+    if not progress:
+        transformers_logging.disable_progress_bar()
     local = Path(name).expanduser()
+    if not local.exists() and looks_like_folder(name):
+        raise ProtextError(f"--backbone {name}: no such folder (a Hub id looks like 'openai/clip-vit-base-patch16')")
     if local.exists() and not (local / "config.json").is_file():
         raise ProtextError(f"{local}: no config.json there; a backbone folder is one saved by transformers' save_pretrained")
     source = str(local) if local.exists() else name

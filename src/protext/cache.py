@@ -44,6 +44,25 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, a file (`folder` False: its folder) or folder protext could not write,
+    naming it and the flag or setting it came from. Nothing is left behind: the nearest folder that
+    exists is probed with a file created and removed at once."""
+    target = Path(path).absolute() if folder else Path(path).absolute().parent
+    try:
+        existing = target
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".protext-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ProtextError(f"{what} {path}: cannot be written ({e.strerror or e}); give a folder you can write "
+                           f"to") from e
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

@@ -22,6 +22,7 @@ from .engine import run
 from .errors import ProtextError
 from .flags import option
 from .heads import Heads, HeadInputs, Waffle, default_heads, head_names
+from .images import MAX_PIXELS
 from .model import ProText, check_backbone
 from .sources import load_descriptors, resolve
 
@@ -61,13 +62,13 @@ def load_backbone_of(options: ClassifierOptions, ctx: Context = Context()) -> tu
     is given (checked by fingerprint), else on the backbone they were trained on."""
     backbone = options.backbone
     if isinstance(backbone, (str, Path)):
-        backbone = load_backbone(str(backbone), options.revision, ctx.device)
+        backbone = load_backbone(str(backbone), options.revision, ctx.device, ctx.progress)
     prompts = options.prompts
     if prompts is not None and not isinstance(prompts, ProText):
-        prompts = ProText.from_pretrained(prompts, backbone=backbone, device=ctx.device)
+        prompts = ProText.from_pretrained(prompts, backbone=backbone, device=ctx.device, progress=ctx.progress)
     if backbone is None:
         backbone = prompts.backbone if prompts is not None else load_backbone(DEFAULT_BACKBONE, options.revision,
-                                                                               ctx.device)
+                                                                               ctx.device, ctx.progress)
     return backbone, prompts
 
 
@@ -75,7 +76,7 @@ def load_inputs(options: ClassifierOptions, ctx: Context = Context()) -> tuple[B
     """The backbone and everything the heads read, loaded once."""
     descriptions, descriptors = options.descriptions, options.descriptors
     if descriptions is not None and not isinstance(descriptions, Mapping):
-        descriptions = load_descriptions(resolve(str(descriptions), ctx))
+        descriptions = load_descriptions(resolve(str(descriptions), ctx, "cupl:"))
     if descriptors is not None and not isinstance(descriptors, Mapping):
         descriptors = load_descriptors(str(descriptors), ctx)
     waffle = Waffle(options.waffle_count, options.waffle_seed, options.waffle_concept)
@@ -168,13 +169,16 @@ class ProTextClassifier:
         classes = list(classes)
         if not classes:
             raise ProtextError("no class names given")
+        blank = [i for i, c in enumerate(classes, 1) if not str(c).strip()]
+        if blank:
+            raise ProtextError(f"class {blank[0]} of {len(classes)} has an empty name; every class needs one")
         if len({normalize_name(c) for c in classes}) != len(classes):
             raise ProtextError("class names repeat (after normalising case and '_')")
         self.classes = classes
         self.weights = self.heads.get(self.head, classes)
 
-    def image_features(self, images: Iterable[str | Path | Image.Image | torch.Tensor],
-                       batch_size: int = 32) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    def image_features(self, images: Iterable[str | Path | Image.Image | torch.Tensor], batch_size: int = 32,
+                       max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
         """Features of the readable images, their names, and (name, reason) of the others."""
         items, names = [], []
         for i, item in enumerate(images):
@@ -185,7 +189,8 @@ class ProTextClassifier:
             else:
                 items.append(item)
                 names.append(str(item) if isinstance(item, (str, Path)) else f"image[{i}]")
-        part = next(run(self.backbone, [(0, items)], batch_size, workers=min(4, max(1, len(items)))))
+        part = next(run(self.backbone, [(0, items)], batch_size, workers=min(4, max(1, len(items))),
+                        max_pixels=max_pixels))
         good = [j for j, e in enumerate(part.errors) if e is None]
         return (part.features[good], [names[j] for j in good],
                 [(names[j], e) for j, e in enumerate(part.errors) if e is not None])
@@ -210,13 +215,13 @@ class ProTextClassifier:
         return logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
 
     def predict(self, images: Iterable[str | Path | Image.Image | torch.Tensor] | str | Path | Image.Image,
-                batch_size: int = 32, activation: str = "softmax") -> Prediction:
+                batch_size: int = 32, activation: str = "softmax", max_pixels: int = MAX_PIXELS) -> Prediction:
         """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors; `activation`
         is softmax (over the label set) or sigmoid (per label, SigLIP only). Top-1 is the same either way."""
         self.check_activation(activation)
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
             images = [images]
-        feats, names, skipped = self.image_features(images, batch_size)
+        feats, names, skipped = self.image_features(images, batch_size, max_pixels)
         probs = self.probabilities(feats, activation) if len(feats) else torch.empty(0, len(self.classes))
         return Prediction(self.classes, [self.classes[i] for i in probs.argmax(1).tolist()], probs, names, skipped,
                           activation)

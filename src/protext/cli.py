@@ -29,7 +29,30 @@ CACHED_HINT = "image features and prompts finished so far are cached: rerun the 
 # -- shared groups of flags ------------------------------------------------------------------
 
 def _context(args: argparse.Namespace) -> Context:
-    return from_flags(Context, args)
+    """The run's context; its cache folder is checked writable before any work."""
+    from .cache import check_writable
+
+    ctx = from_flags(Context, args)
+    check_writable(ctx.cache, "the cache folder (--cache-dir, or $PROTEXT_CACHE)", folder=True)
+    return ctx
+
+
+def _writable(path, flag: str, folder: bool = False) -> None:
+    from .cache import check_writable
+
+    if path is not None:
+        check_writable(path, flag, folder)
+
+
+def _collect(paths: list[str]) -> list:
+    """The inputs of `label` and `features`, with what was skipped while listing them said on stderr."""
+    from .engine import collect
+
+    notes: list[str] = []
+    found = collect(paths, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return found
 
 
 def _add_context(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -76,7 +99,7 @@ def _add_backbone(p: argparse.ArgumentParser, with_prompts: bool = True) -> None
 def _backbone(args: argparse.Namespace):
     from .backbone import DEFAULT_BACKBONE, load_backbone
 
-    return load_backbone(args.backbone or DEFAULT_BACKBONE, args.revision, args.device)
+    return load_backbone(args.backbone or DEFAULT_BACKBONE, args.revision, args.device, args.progress)
 
 
 def _add_training_overrides(p: argparse.ArgumentParser) -> None:
@@ -108,6 +131,7 @@ def _add_job(p: argparse.ArgumentParser, part_size: int, what: str) -> None:
                                                                  "with --engine ray, image-tower actors (default: 2)")
     p.add_argument("--part-size", type=int, default=part_size,
                    help="images per saved part, the unit a rerun resumes from (default: %(default)s)")
+    _add_max_pixels(p)
     g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help=f"local: this process; ray: decode in Ray tasks and {what} in a pool of Ray actors, each "
@@ -117,13 +141,21 @@ def _add_job(p: argparse.ArgumentParser, part_size: int, what: str) -> None:
     g.add_argument("--num-gpus-per-worker", type=float, default=0, help="ray: GPUs per actor (default: 0)")
 
 
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    from .images import MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="most pixels of one image, read from its header before decoding (larger ones are listed as "
+                        "unreadable); decoding holds at most workers x 4 bytes x this (default: %(default)s)")
+
+
 def _ray_job(args: argparse.Namespace) -> dict:
     from .distributed import ray_module
 
     ray_module()  # before any model is loaded: says how to install Ray when it is missing
     return {"address": args.address, "workers": 2 if args.workers is None else args.workers,
             "num_gpus_per_worker": args.num_gpus_per_worker, "batch_size": args.batch_size,
-            "part_size": args.part_size}
+            "part_size": args.part_size, "max_pixels": args.max_pixels}
 
 
 # -- train -----------------------------------------------------------------------------------
@@ -155,7 +187,8 @@ def _train(args: argparse.Namespace) -> None:
 
     ctx = _context(args)
     cfg = make_config(args.preset, args.config, values(TrainConfig, args))
-    path = resolve(args.descriptions, ctx)
+    _writable(args.out or Path("prompts") / args.preset, "--out", folder=True)
+    path = resolve(args.descriptions, ctx, "cupl:")
     data = load_descriptions(path, read_class_list(args.classes) if args.classes else None)
     out = args.out or Path("prompts") / args.preset
     print(f"protext train: {len(data)} classes, {sum(map(len, data.values()))} descriptions from {path}", file=sys.stderr)
@@ -233,6 +266,7 @@ def _describe(args: argparse.Namespace) -> None:
 
     if args.samples < 1 or args.concurrency < 1:
         raise ProtextError("--samples and --concurrency must be at least 1")
+    _writable(args.output, "--output")
     usage = Usage()
     if args.local_model:
         generate = LocalGenerator(args.local_model, args.max_tokens, usage)
@@ -320,6 +354,7 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", required=True, help=CLASSES_HELP)
     p.add_argument("--top-k", type=int, default=3, help="labels printed per image (default: %(default)s)")
     _add_activation(p)
+    _add_max_pixels(p)
     _add_classifier(p)
     _add_context(p)
 
@@ -331,7 +366,7 @@ def _predict(args: argparse.Namespace) -> None:
     if args.top_k < 1:
         raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
     clf = _classifier(args, read_class_list(args.classes))
-    pred = clf.predict(args.images, activation=args.activation)
+    pred = clf.predict(args.images, activation=args.activation, max_pixels=args.max_pixels)
     for name, top in zip(pred.inputs, pred.top(args.top_k)):
         print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top],
                        "head": clf.head, "activation": pred.activation}, indent=None))
@@ -352,6 +387,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default=None, help="comma-separated heads, or 'all' for every head the given data allows "
                                                  "(default: clip, plus cupl/protext when possible)")
     p.add_argument("--output", type=Path, default=None, help="also write the result row to this JSON file")
+    _add_max_pixels(p)
     _add_classifier(p, skip=("head", "dataset"))
     _add_context(p)
 
@@ -364,10 +400,11 @@ def _eval(args: argparse.Namespace) -> None:
     from .training.evaluate import evaluate
 
     ctx = _context(args)
+    _writable(args.output, "--output")
     dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
     backbone, inputs = load_inputs(_options(args, dataset=dataset.name), ctx)
     heads = Heads(backbone, inputs, ctx)
-    row = evaluate(backbone, dataset, heads, choose_heads(args.heads, inputs), ctx)
+    row = evaluate(backbone, dataset, heads, choose_heads(args.heads, inputs), ctx, args.max_pixels)
     for note in heads.fallback_notes():
         print(note, file=sys.stderr)
     if args.output:
@@ -377,6 +414,8 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     for note in dataset.notes:
         print(f"note: {note}", file=sys.stderr)
+    if row["images"] == 0:
+        raise ProtextError(f"none of the {row['skipped']} images of {dataset.name} could be read (see 'skipped' above)")
 
 
 # -- benchmark -------------------------------------------------------------------------------
@@ -423,26 +462,40 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     _add_classifier(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    g = p.add_argument_group("access")
+    g.add_argument("--api-key", default=None,
+                   help="require this key on /v1/ and /metrics ('Authorization: Bearer KEY' or 'X-API-Key: KEY'; the "
+                        "page asks for it) (default: $PROTEXT_API_KEY, else no key)")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAME,NAME",
+                   help="host names requests may address this server by, e.g. classify.example.com (default: "
+                        "127.0.0.1, localhost and ::1 when listening on loopback, else any); other names get 421, "
+                        "so a DNS-rebinding page cannot reach the server")
     add_flags(p.add_argument_group("limits (a request over one gets a 4xx or 503 JSON error)"), Limits)
     _add_context(p)
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import os
+
     from .classifier import load_inputs
     from .serve import Limits, Service, load_label_sets
 
     limits = from_flags(Limits, args)
     label_sets = load_label_sets(args.classes)
-    from .api import run  # after the arguments are checked: says how to install fastapi when it is missing
+    from .api import Access, run  # after the arguments are checked: says how to install fastapi when it is missing
 
+    key = args.api_key or os.environ.get("PROTEXT_API_KEY") or None
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
+    access = Access(key, hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {args.host}: other machines can reach this server", file=sys.stderr)
+        print(f"note: listening on {args.host}: other machines can reach this server"
+              + ("" if key else "; anyone who can reach it can use it (give --api-key)"), file=sys.stderr)
     ctx = _context(args)
     backbone, inputs = load_inputs(_options(args), ctx)
     service = Service(backbone, inputs, label_sets, args.head, limits, ctx)
     print(f"protext serve: {backbone.name}, head {service.head}, label sets: {', '.join(label_sets) or 'none'}; "
           f"page at http://{args.host}:{args.port}/", file=sys.stderr)
-    run(service, args.host, args.port)
+    run(service, args.host, args.port, access)
 
 
 # -- label, features, export -----------------------------------------------------------------
@@ -469,10 +522,10 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
 
 def _label(args: argparse.Namespace) -> None:
     from .descriptions import read_class_list
-    from .engine import collect
     from .label import label, label_features, output_format
 
     output_format(args.output)
+    _writable(args.output, "--output")
     classes = read_class_list(args.classes)
     ctx = _context(args)
     common = {"top_k": args.top_k, "min_prob": args.min_prob, "activation": args.activation, "ctx": ctx}
@@ -491,10 +544,11 @@ def _label(args: argparse.Namespace) -> None:
         from .distributed import label_on_ray
 
         job = _ray_job(args)
-        report = label_on_ray(_classifier(args, classes), collect(args.paths), args.output, **common, **job)
+        report = label_on_ray(_classifier(args, classes), _collect(args.paths), args.output, **common, **job)
     else:
-        report = label(_classifier(args, classes), collect(args.paths), args.output, **common,
-                       batch_size=args.batch_size, workers=args.workers, part_size=args.part_size)
+        report = label(_classifier(args, classes), _collect(args.paths), args.output, **common,
+                       batch_size=args.batch_size, workers=args.workers, part_size=args.part_size,
+                       max_pixels=args.max_pixels)
     _print_report(report)
 
 
@@ -507,21 +561,22 @@ def _features_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _features(args: argparse.Namespace) -> None:
-    from .engine import collect
     from .feature_folder import pyarrow_modules, write_features
 
     pyarrow_modules()
     if "://" in args.out:
         raise ProtextError(f"--out {args.out}: write the features to a local folder (or a mounted one), then copy them")
+    _writable(args.out, "--out", folder=True)
     ctx = _context(args)
-    paths = collect(args.paths)
+    paths = _collect(args.paths)
     if args.engine == "ray":
         from .distributed import features_on_ray
 
         job = _ray_job(args)
         report = features_on_ray(_backbone(args), paths, args.out, ctx=ctx, **job)
     else:
-        report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.part_size, ctx)
+        report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.part_size, ctx,
+                                args.max_pixels)
     _print_report(report)
 
 
@@ -545,6 +600,7 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.out.exists() and not args.out.is_dir():
         raise ProtextError(f"--out {args.out} is a file; --out names the folder the export is written into")
+    _writable(args.out, "--out", folder=True)
     meta = export(_classifier(args, read_class_list(args.classes)), args.out, args.onnx, args.check_images,
                   args.tolerance)
     check = meta.get("onnx", {}).get("check")
@@ -617,8 +673,21 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, without the source line Python prints by default."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    import warnings
+
+    with warnings.catch_warnings():  # restored on return: main() may run inside another program
+        warnings.simplefilter("default")
+        warnings.showwarning = _warn
+        return _main(sys.argv[1:] if argv is None else list(argv))
+
+
+def _main(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:

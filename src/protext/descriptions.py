@@ -158,7 +158,10 @@ def _class_file(path: Path) -> list[str]:
     names = read_json(path, "class file")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ProtextError(f"{path}: expected a JSON list of class names")
-    return names
+    blank = [i for i, n in enumerate(names, 1) if not n.strip()]
+    if blank:
+        raise ProtextError(f"{path}: item {blank[0]} of the list is a blank class name")
+    return [n.strip() for n in names]
 
 
 def pairs(data: Mapping[str, Iterable[str]]) -> tuple[list[str], list[str], list[int], list[int]]:

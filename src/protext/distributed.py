@@ -34,7 +34,7 @@ from .context import Context
 from .engine import JobReport, spans
 from .errors import ProtextError
 from .feature_folder import open_folder, part_bytes, summarise
-from .images import UnreadableImage, is_uri, load_pixels
+from .images import MAX_PIXELS, UnreadableImage, is_uri, load_pixels
 from .label import finish, row, start
 from .parts import PartFolder, jsonl
 
@@ -49,13 +49,13 @@ def ray_module():
     return ray
 
 
-def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float]) -> dict:
+def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float], max_pixels: int = MAX_PIXELS) -> dict:
     """A Ray Data task: the files at `source` -> preprocessed pixels, or the reason an image is
     unreadable (its pixels zeros of the same shape, so that every batch stacks alike)."""
     pixels, errors = [], []
     for path, source in zip(batch["path"], batch["source"]):
         try:
-            pixels.append(load_pixels(str(source), size, mean, std).numpy())
+            pixels.append(load_pixels(str(source), size, mean, std, max_pixels).numpy())
             errors.append("")
         except UnreadableImage as e:
             pixels.append(None)
@@ -123,7 +123,7 @@ class Embed(TowerActor):
 
 def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor: type, actor_args: tuple, save, *,
          address: str | None, workers: int, num_gpus_per_worker: float, batch_size: int, runtime_env: dict | None,
-         desc: str, ctx: Context) -> tuple[int, int, float]:
+         desc: str, ctx: Context, max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
     """The parts `folder` lacks: decode their images in Ray tasks, run `actor` on them in a pool of
     `workers` actors, and call `save(part, records)` on the driver as soon as all of a part's
     records are back, in input order (each record: the actor's columns). Returns (images
@@ -144,7 +144,8 @@ def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor:
               "source": names[i] if is_uri(names[i]) else str(Path(names[i]).resolve())}
              for p in todo for k, i in enumerate(layout[p])]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
-    decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std},
+    decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std,
+                                                     "max_pixels": max_pixels},
                                   batch_size=batch_size, batch_format="numpy")
     # Ray Data restarts a dead actor and retries its batches by default (max_restarts and
     # max_task_retries of -1); a batch's rows reach the driver once, from the try that finished.
@@ -170,7 +171,7 @@ def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor:
 def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
                  min_prob: float | None = None, activation: str = "softmax", address: str | None = None,
                  workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int = 32, part_size: int = 512,
-                 ctx: Context = Context(), runtime_env: dict | None = None) -> JobReport:
+                 ctx: Context = Context(), runtime_env: dict | None = None, max_pixels: int = MAX_PIXELS) -> JobReport:
     """Label `paths` on a Ray cluster (`address`: "auto", "ray://host:port", or None for a local
     instance) into `output`, resuming from the parts an earlier run (on either engine) wrote.
     `workers` is the number of classifying actors (and decoding tasks at once); `runtime_env` is
@@ -189,14 +190,16 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
 
     processed, reused, seconds = _run(names, folder, part_size, tower, Classify, args, save, address=address,
                                       workers=workers, num_gpus_per_worker=num_gpus_per_worker,
-                                      batch_size=batch_size, runtime_env=runtime_env, desc="labelling (ray)", ctx=ctx)
+                                      batch_size=batch_size, runtime_env=runtime_env, desc="labelling (ray)", ctx=ctx,
+                                      max_pixels=max_pixels)
     return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
                   seconds)
 
 
 def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, part_size: int = 1024,
                     address: str | None = None, workers: int = 2, num_gpus_per_worker: float = 0,
-                    batch_size: int = 32, ctx: Context = Context(), runtime_env: dict | None = None) -> JobReport:
+                    batch_size: int = 32, ctx: Context = Context(), runtime_env: dict | None = None,
+                    max_pixels: int = MAX_PIXELS) -> JobReport:
     """`feature_folder.write_features` on a Ray cluster: the same parts (one per `part_size` inputs),
     resumed the same way; the other arguments as in `label_on_ray`."""
     ray_module()
@@ -214,5 +217,5 @@ def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | 
                                       (backbone.name, backbone.revision, tower.fingerprint(), dim), save,
                                       address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
                                       batch_size=batch_size, runtime_env=runtime_env, desc="image features (ray)",
-                                      ctx=ctx)
+                                      ctx=ctx, max_pixels=max_pixels)
     return summarise(folder, len(names), processed, reused, seconds)

@@ -35,7 +35,7 @@ from PIL import Image
 from .backbone import Backbone
 from .context import Context
 from .errors import ProtextError
-from .images import IMAGE_SUFFIXES, decode_ahead, is_uri, list_images, list_uri_images, read_uri
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, decode_ahead, is_uri, list_images, list_uri_images, read_uri
 from .parts import PartFolder
 
 Item = str | Path | Image.Image | torch.Tensor
@@ -44,7 +44,7 @@ MAX_LISTED = 10_000  # unreadable inputs a report names (it counts them all)
 
 # -- listing inputs -----------------------------------------------------------------------
 
-def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
+def collect(inputs: Sequence[str | Path], notes: list[str] | None = None) -> list[str | Path]:
     """Image paths from folders (recursive), files, CSV files listing paths, and URIs.
 
     A CSV's paths are its `path` column when a header row names one, else its first column;
@@ -52,7 +52,8 @@ def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
     work the same way, in the arguments or a CSV, through pyarrow's filesystems: an image URI
     stays a string, read later (`images.open_image`); a CSV URI is read and a folder URI
     (prefix) listed here. Paths appear once, in the order first given. A path that does not
-    exist is kept: it is reported as unreadable, like any other bad file.
+    exist is kept: it is reported as unreadable, like any other bad file. Links to folders are
+    followed; dangling and looping links are skipped and said in `notes`.
     """
     paths: list[str | Path] = []
     for item in inputs:
@@ -61,7 +62,7 @@ def collect(inputs: Sequence[str | Path]) -> list[str | Path]:
             continue
         item = Path(item)
         if item.is_dir():
-            found = list_images(item)
+            found = list_images(item, notes)
             if not found:
                 raise ProtextError(f"{item}: no image files in this folder or below")
             paths.extend(found)
@@ -145,7 +146,7 @@ def default_workers(workers: int | None) -> int:
 
 def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_size: int = 32,
         workers: int | None = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        progress: Callable[[int], None] | None = None) -> Iterator[Part]:
+        progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS) -> Iterator[Part]:
     """A `Part` per (index, items) span, in order; see the module's docstring."""
     tower = backbone.image
     if tower is None:
@@ -176,7 +177,7 @@ def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_s
         batch.clear()
 
     for (part, j), result in decode_ahead(keyed(), tower.image_size, tower.mean, tower.std, workers,
-                                          window=2 * batch_size + workers):
+                                          window=2 * batch_size + workers, max_pixels=max_pixels):
         if j >= 0:
             if isinstance(result, str):
                 part.errors[j] = result
@@ -234,7 +235,7 @@ def check_counts(counts: dict[str, int | None]) -> None:
 def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_size: int,
             encode: Callable[[Part, list[str]], bytes], *, batch_size: int = 32, workers: int | None = None,
             head: Callable[[torch.Tensor], torch.Tensor] | None = None, ctx: Context = Context(),
-            desc: str = "images") -> tuple[int, int, float]:
+            desc: str = "images", max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
     """Compute the parts `folder` lacks and save each with `encode(part, its names)`; returns
     (images processed, images reused, seconds)."""
     layout = spans(len(names), part_size)
@@ -243,7 +244,7 @@ def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_s
     started = time.perf_counter()
     with ctx.bar(processed, desc, "img", show=processed > 0) as bar:
         for part in run(backbone, ((i, [names[k] for k in r]) for i, r in work), batch_size, workers, head,
-                        bar.update):
+                        bar.update, max_pixels):
             names_here = [names[k] for k in layout[part.index]]
             folder.write(part.index, encode(part, names_here), len(names_here), part.unreadable)
     return processed, len(names) - processed, time.perf_counter() - started

@@ -29,6 +29,7 @@ from .cache import sha1
 from .context import Context
 from .engine import JobReport, Part, check_counts, run_job, spans
 from .errors import ProtextError
+from .images import MAX_PIXELS
 from .parts import PartFolder
 
 
@@ -85,7 +86,8 @@ def summarise(folder: PartFolder, images: int, processed: int, reused: int, seco
 
 
 def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, batch_size: int = 32,
-                   workers: int | None = None, part_size: int = 1024, ctx: Context = Context()) -> JobReport:
+                   workers: int | None = None, part_size: int = 1024, ctx: Context = Context(),
+                   max_pixels: int = MAX_PIXELS) -> JobReport:
     """Image features of every path into the folder `out`, one Parquet part per `part_size` inputs;
     resumes a killed run (see the module's docstring). Unreadable files are rows with an error."""
     names = [str(p) for p in paths]
@@ -96,7 +98,7 @@ def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | P
         return part_bytes(names_here, part.features.numpy(), part.errors, dim)
 
     processed, reused, seconds = run_job(backbone, names, folder, part_size, encode, batch_size=batch_size,
-                                         workers=workers, ctx=ctx, desc="image features")
+                                         workers=workers, ctx=ctx, desc="image features", max_pixels=max_pixels)
     return summarise(folder, len(names), processed, reused, seconds)
 
 

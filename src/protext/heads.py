@@ -35,7 +35,7 @@ from .context import Context
 from .descriptions import normalize_name
 from .errors import ProtextError
 from .feature_cache import encode_texts
-from .model import ProText
+from .model import ProText, prompted_text
 from .templates import IMAGENET_80, clip_template, protext_template
 
 
@@ -275,10 +275,40 @@ class Heads:
                 self._memo[key] = self._build(head, list(classes))
         return self._memo[key]
 
+    def _templates(self, head: str) -> list[str]:
+        """The texts a head wraps a class name in, "{}" for the name: what must fit in the context."""
+        if head == "protext":
+            cfg = self.inputs.prompts.config
+            return [prompted_text(_protext_template(self), "{}", cfg.placeholder)]
+        if head in ("clip", "clip80"):
+            return [_clip_template(self)] if head == "clip" else list(IMAGENET_80)
+        if head in ("waffle", "dclip"):  # the name comes first; a long descriptor is cut, never the name
+            return [waffle_prefix(self.inputs.waffle.concept) + "{},"] if head == "waffle" else ["{},"]
+        return []  # cupl: the descriptions, whatever names they hold (classes without any are checked as clip)
+
+    def check_names(self, head: str, classes: Sequence[str]) -> None:
+        """Refuse class names that would be cut to fit the text tower's context: two names that differ
+        only past the cut would become one class."""
+        templates = self._templates(head)
+        if not templates:
+            return
+        text = self.backbone.text
+        count = lambda t: len(text.tokenizer(text.clean(t))["input_ids"])  # noqa: E731 (special tokens included)
+        overhead = max(count(t.format("x")) - count("x") + text.num_special_tokens for t in templates)
+        names = text.tokenizer([text.clean(c) for c in classes], add_special_tokens=False)["input_ids"]
+        over = [(c, len(ids)) for c, ids in zip(classes, names) if len(ids) + overhead > text.max_length]
+        if over:
+            shown = ", ".join(f"{c[:60]!r} ({n} tokens)" for c, n in over[:5]) + (
+                f" and {len(over) - 5} more" if len(over) > 5 else "")
+            raise ProtextError(f"{len(over)} class names are too long for the {text.max_length}-token context of "
+                               f"'{self.backbone.name}' with head '{head}' (at most {text.max_length - overhead} tokens "
+                               f"each): {shown}; shorten them, or they would be cut and could become the same class")
+
     def _build(self, head: str, classes: list[str]) -> torch.Tensor:
         spec = HEADS[head]
         if not self.inputs.has(spec.needs):
             raise ProtextError(f"head '{head}' needs {spec.needs} ({spec.given_by})")
+        self.check_names(head, classes)
         if spec.encode is not None:
             return spec.encode(self, classes)
         sentences = {c: spec.sentences(self, classes, c) for c in classes}

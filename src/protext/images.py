@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +36,25 @@ from PIL import Image
 
 K = TypeVar("K")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# The raster formats decoded, in every command and in `serve`: PIL's other plugins are never
+# tried (EPS would run Ghostscript, and a 70-byte looping EPS hangs it). JPEG includes MPO, the
+# variant many phone cameras write.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+# Most pixels of one image, read from its header before it is decoded: a 40-megapixel RGB image
+# takes 120 MB to decode, so decoding holds at most workers x that (`--max-pixels`).
+MAX_PIXELS = 40_000_000
 
 
 class UnreadableImage(Exception):
     """An image that could not be turned into pixels; the message is "<error class>: <error>"."""
+
+
+class UnsupportedFormat(Exception):
+    """A file that is none of the `FORMATS`."""
+
+
+class TooManyPixels(Exception):
+    """An image whose header declares more pixels than allowed."""
 
 
 @dataclass(frozen=True)
@@ -176,18 +192,41 @@ def list_uri_images(uri: str) -> list[str] | None:
                   if i.type == fs.FileType.File and Path(i.path).suffix.lower() in IMAGE_SUFFIXES)
 
 
-def open_image(path: str | Path) -> Image.Image:
+@functools.lru_cache(maxsize=1)
+def _decodable() -> tuple[str, ...]:
+    """The `FORMATS` this Pillow build has plugins for (WebP, for one, is optional)."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def open_header(source: str | Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image opened but not decoded: its format checked against `FORMATS` and its size, from
+    the header, against `max_pixels`, so neither a foreign format nor a bomb reaches a decoder."""
+    try:
+        image = Image.open(source, formats=_decodable())
+    except Image.UnidentifiedImageError as e:
+        raise UnsupportedFormat(f"not an image in a format protext reads ({', '.join(FORMATS)})") from e
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise TooManyPixels(f"{width} x {height} = {width * height} pixels, more than the limit of {max_pixels} "
+                            f"(--max-pixels)")
+    return image
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file (so truncated files fail here, not later).
 
     A URI is read with pyarrow's filesystems (S3, GCS, HDFS, ... when pyarrow and the
     filesystem's packages and credentials are present), so a cluster can label a bucket."""
     source = io.BytesIO(read_uri(path)) if is_uri(path) else path
-    with Image.open(source) as im:
+    with open_header(source, max_pixels) as im:
         im.load()
         return im.copy()
 
 
-def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[float], std: Sequence[float],
+                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """`preprocess` of a file or PIL image; raises `UnreadableImage` for any failure.
 
     PIL fails in many ways besides OSError: DecompressionBombError for images over twice
@@ -196,26 +235,26 @@ def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[floa
     counts (KeyboardInterrupt and SystemExit still stop the run).
     """
     try:
-        return preprocess(open_image(image) if isinstance(image, (str, Path)) else image, size, mean, std)
+        return preprocess(open_image(image, max_pixels) if isinstance(image, (str, Path)) else image, size, mean, std)
     except Exception as e:
         raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
 
 
 def pixels_of(item: str | Path | Image.Image | torch.Tensor, size: Size, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor | str:
+              std: Sequence[float], max_pixels: int = MAX_PIXELS) -> torch.Tensor | str:
     """The model's input for one item (a file, a URI, a PIL image, or pixels already preprocessed),
     or the reason it is unreadable."""
     if isinstance(item, torch.Tensor):
         return item
     try:
-        return load_pixels(item, size, mean, std)
+        return load_pixels(item, size, mean, std, max_pixels)
     except UnreadableImage as e:
         return str(e)
 
 
 def decode_ahead(items: Iterable[tuple[K, str | Path | Image.Image | torch.Tensor]], size: Size,
-                 mean: Sequence[float], std: Sequence[float], workers: int,
-                 window: int) -> Iterator[tuple[K, torch.Tensor | str]]:
+                 mean: Sequence[float], std: Sequence[float], workers: int, window: int,
+                 max_pixels: int = MAX_PIXELS) -> Iterator[tuple[K, torch.Tensor | str]]:
     """(key, pixels or the reason the image is unreadable) for each (key, item), in order, decoded in
     `workers` threads at most `window` images ahead: decoding overlaps the model (PIL and torch
     release the GIL) and memory stays flat however many items there are, even from a stream."""
@@ -223,16 +262,40 @@ def decode_ahead(items: Iterable[tuple[K, str | Path | Image.Image | torch.Tenso
         pending: deque[tuple[K, Future]] = deque()
         upcoming = iter(items)
         for key, item in upcoming:
-            pending.append((key, pool.submit(pixels_of, item, size, mean, std)))
+            pending.append((key, pool.submit(pixels_of, item, size, mean, std, max_pixels)))
             if len(pending) >= window:
                 break
         while pending:
             key, future = pending.popleft()
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(pixels_of, nxt[1], size, mean, std)))
+                pending.append((nxt[0], pool.submit(pixels_of, nxt[1], size, mean, std, max_pixels)))
             yield key, future.result()
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def list_images(folder: Path, notes: list[str] | None = None) -> list[Path]:
+    """The image files below `folder`, sorted, following links to folders (each folder once, so a link
+    back up cannot loop); what was skipped (dangling links, loops) is added to `notes`."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        seen.add((st.st_dev, st.st_ino))
+        for d in list(dirs):
+            try:
+                sub = os.stat(os.path.join(root, d))
+            except OSError:  # a dangling link to a folder
+                dirs.remove(d)
+                continue
+            if (sub.st_dev, sub.st_ino) in seen:
+                dirs.remove(d)
+                if notes is not None:
+                    notes.append(f"{os.path.join(root, d)}: a link to a folder already listed (a loop); skipped")
+        for name in names:
+            path = Path(root) / name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_file():
+                found.append(path)
+            elif notes is not None:
+                notes.append(f"{path}: a link to nothing (dangling); skipped")
+    return sorted(found)

@@ -32,6 +32,7 @@ from .context import Context
 from .descriptions import normalize_name
 from .engine import JobReport, Part, check_counts, run_job, spans
 from .errors import ProtextError
+from .images import MAX_PIXELS
 from .parts import PartFolder, jsonl
 
 FORMATS = (".jsonl", ".csv", ".parquet")
@@ -114,7 +115,8 @@ def open_parts(clf: ProTextClassifier, names: Sequence[str], output: Path, top_k
 
 def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
           min_prob: float | None = None, activation: str = "softmax", batch_size: int = 32,
-          workers: int | None = None, part_size: int = 512, ctx: Context = Context()) -> JobReport:
+          workers: int | None = None, part_size: int = 512, ctx: Context = Context(),
+          max_pixels: int = MAX_PIXELS) -> JobReport:
     """Label every image of `paths` with `clf` into `output` (.jsonl, .csv or .parquet); resumes a killed run.
 
     `activation` is softmax (probabilities over the label set) or sigmoid (each label's own, SigLIP
@@ -129,7 +131,7 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
 
     processed, reused, seconds = run_job(clf.backbone, names, folder, part_size, encode, batch_size=batch_size,
                                          workers=workers, head=lambda f: clf.probabilities(f, activation), ctx=ctx,
-                                         desc="labelling")
+                                         desc="labelling", max_pixels=max_pixels)
     return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
                   seconds)
 

@@ -187,7 +187,7 @@ class ProText(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, backbone: Backbone | None = None, device: str | None = None,
-                        revision: str | None = None) -> "ProText":
+                        revision: str | None = None, progress: bool = True) -> "ProText":
         """Load prompts from a folder or a Hub repo id; load their backbone unless one is given."""
         folder = _prompt_folder(source, revision)
         config = read_config(folder / CONFIG_FILE)
@@ -198,7 +198,7 @@ class ProText(nn.Module):
         if "prompts" not in tensors:
             raise ProtextError(f"{folder / PROMPTS_FILE}: no tensor named 'prompts' (found {sorted(tensors)})")
         if backbone is None:
-            backbone = _trained_backbone(config, folder, device)
+            backbone = _trained_backbone(config, folder, device, progress)
         check_backbone(config, backbone, folder)
         return cls(backbone, config, tensors["prompts"])
 
@@ -255,7 +255,7 @@ def is_complete(folder: str | Path) -> bool:
     return not digest or digest == file_sha256(folder / PROMPTS_FILE)  # no digest: written before it was recorded
 
 
-def _trained_backbone(config: PromptConfig, folder: Path, device: str | None) -> Backbone:
+def _trained_backbone(config: PromptConfig, folder: Path, device: str | None, progress: bool = True) -> Backbone:
     """The backbone the prompts name: a Hub id (at its revision) or an absolute folder."""
     if Path(config.backbone).is_absolute() and not Path(config.backbone).is_dir():
         raise ProtextError(
@@ -263,7 +263,7 @@ def _trained_backbone(config: PromptConfig, folder: Path, device: str | None) ->
             f"machine; pass the folder (or Hub id) of the same weights as --backbone (backbone= in Python): it is "
             f"checked against the weights' fingerprint {config.fingerprint}"
         )
-    return load_backbone(config.backbone, config.revision, device)
+    return load_backbone(config.backbone, config.revision, device, progress)
 
 
 def check_backbone(config: PromptConfig, backbone: Backbone, where: Path | str) -> None:
@@ -278,7 +278,7 @@ def check_backbone(config: PromptConfig, backbone: Backbone, where: Path | str) 
             f"{where}: prompts were trained on '{config.backbone}' (width {config.width}), "
             f"but backbone '{backbone.name}' has width {backbone.text.width}"
         )
-    if config.fingerprint and config.fingerprint != backbone.fingerprint():
+    if config.fingerprint and not backbone.has_weights(config.fingerprint):
         raise ProtextError(
             f"{where}: prompts were trained on '{config.backbone}' (revision {config.revision}), "
             f"whose weights differ from backbone '{backbone.name}' (fingerprint {backbone.fingerprint()} != "

@@ -111,7 +111,7 @@ def load_descriptors(spec: str, ctx: Context = Context(), published: bool | None
     `spec` is a set name)."""
     from .descriptions import load_descriptions, normalize_name, read_json
 
-    path = resolve(spec, ctx)
+    path = resolve(spec, ctx, "dclip:")
     if not (spec in SOURCES if published is None else published):
         return load_descriptions(path, item="descriptor")
     raw = read_json(path, "descriptor file")
@@ -121,11 +121,14 @@ def load_descriptors(spec: str, ctx: Context = Context(), published: bool | None
     return {**data, **{normalize_name(k): [""] for k in empty}}
 
 
-def resolve(spec: str, ctx: Context = Context()) -> Path:
-    """A description source: a known set name (downloaded if needed) or a file path."""
+def resolve(spec: str, ctx: Context = Context(), kind: str = "") -> Path:
+    """A description source: a known set name (downloaded if needed) or a file path. `kind`
+    ("cupl:", "dclip:") says which sets the error lists when neither is found."""
     if spec in SOURCES:
         return fetch(spec, ctx)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ProtextError(f"{spec}: no such description file, and not a known set ({', '.join(sorted(SOURCES))})")
+        what = "descriptor" if kind == "dclip:" else "description"
+        known = sorted(n for n in SOURCES if n.startswith(kind))
+        raise ProtextError(f"{spec}: no such {what} file, and not a known set ({', '.join(known)})")
     return path

@@ -302,4 +302,8 @@ def base_novel(dataset: Dataset, subset: str) -> Dataset:
     keep = base if subset == "base" else novel
     remap = {old: new for new, old in enumerate(keep)}
     samples = [(p, remap[label]) for p, label in dataset.samples if label in remap]
+    if not samples:
+        names = ", ".join(dataset.classes[i] for i in keep[:5]) + (" ..." if len(keep) > 5 else "")
+        raise ProtextError(f"{dataset.name} ({dataset.split}): its {subset} half ({len(keep)} of "
+                           f"{len(dataset.classes)} classes: {names}) has no images")
     return Dataset(dataset.name, dataset.split, [dataset.classes[i] for i in keep], samples, dataset.notes)

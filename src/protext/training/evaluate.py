@@ -23,6 +23,7 @@ from ..engine import run, spans
 from ..errors import ProtextError
 from ..feature_cache import feature_store
 from ..heads import Heads, head_names
+from ..images import MAX_PIXELS
 from ..metrics import top1
 from .datasets import Dataset
 
@@ -47,7 +48,7 @@ def image_key(path: Path) -> str:
 
 
 def extract(backbone: Backbone, dataset: Dataset, ctx: Context = Context(), batch_size: int = 64,
-            workers: int | None = None, part_size: int = 512) -> LabelledFeatures:
+            workers: int | None = None, part_size: int = 512, max_pixels: int = MAX_PIXELS) -> LabelledFeatures:
     """Features of every readable image of `dataset`, from the cache where possible."""
     if backbone.image is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower")
@@ -59,7 +60,7 @@ def extract(backbone: Backbone, dataset: Dataset, ctx: Context = Context(), batc
     work = [(i, [todo[k] for k in r]) for i, r in enumerate(spans(len(todo), part_size))]
     with ctx.bar(len(todo), f"image features {dataset.name}", "img", show=bool(todo)) as bar:
         for part in run(backbone, ((i, [paths[j] for j in positions]) for i, positions in work), batch_size, workers,
-                        progress=bar.update):
+                        progress=bar.update, max_pixels=max_pixels):
             positions = work[part.index][1]
             good = [k for k, e in enumerate(part.errors) if e is None]
             skipped.update((positions[k], e) for k, e in enumerate(part.errors) if e is not None)
@@ -76,11 +77,11 @@ def accuracy(features: LabelledFeatures, weights: torch.Tensor) -> float:
 
 
 def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence[str],
-             ctx: Context = Context()) -> dict:
+             ctx: Context = Context(), max_pixels: int = MAX_PIXELS) -> dict:
     """Top-1 accuracy of each named head on `dataset`, plus counts and skipped files."""
     for name in names:
         head_names(name)  # an unknown head is an error before any image is read
-    feats = extract(backbone, dataset, ctx)
+    feats = extract(backbone, dataset, ctx, max_pixels=max_pixels)
     row = {"dataset": dataset.name, "split": dataset.split, "classes": len(dataset.classes),
            "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50],
            "notes": dataset.notes}

@@ -266,7 +266,7 @@ def load_sets(specs: Sequence[str], protocol: str = "both", ctx: Context = Conte
     """Description sets by distinct name (see `set_names`), each checked for `protocol` before any work."""
     if protocol not in PROTOCOLS:
         raise ProtextError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    paths = [resolve(spec, ctx) for spec in specs]
+    paths = [resolve(spec, ctx, "cupl:") for spec in specs]
     sets = {name: {"path": path, "data": load_descriptions(path)} for name, path in zip(set_names(paths), paths)}
     if protocol != "cross-dataset":
         for name, entry in sets.items():
@@ -303,7 +303,7 @@ def run(backbone: Backbone, sets: Mapping[str, dict], out: Path, settings: TextC
                                         for name, e in sets.items()}
         not_run.update(ev.not_run)
     if settings.protocol in ("cross-dataset", "both"):
-        source_path = resolve(settings.source, ctx)
+        source_path = resolve(settings.source, ctx, "cupl:")
         targets = {n: e["data"] for n, e in sets.items() if e["path"].resolve() != source_path.resolve()}
         ev = evaluator("cross-dataset")
         report["sets"]["cross-dataset"] = ev.cross_dataset(load_descriptions(source_path), targets)

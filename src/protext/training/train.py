@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -84,21 +85,25 @@ class TrainConfig(PromptShape):
             raise ProtextError(f"init must be 'words' or 'random', got {self.init!r}; the words themselves go in "
                                f"init_words (--init-words)")
         if self.init == "words" and not self.init_words.strip():
-            raise ProtextError("init_words must be the words to initialise the context from, got ''")
-        if self.loss not in ("mse", "l1"):
-            raise ProtextError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
-        if self.batching not in ("paper", "grouped"):
-            raise ProtextError(f"batching must be 'paper' or 'grouped', got {self.batching!r}")
-        if self.classes_per_batch < 1:
-            raise ProtextError(f"classes_per_batch must be at least 1, got {self.classes_per_batch}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ProtextError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
-        for name in ("epochs", "batch_size", "n_ctx", "depth"):
+            raise ProtextError("init_words (--init-words) must be the words to initialise the context from, got ''")
+        for name in ("loss", "batching", "precision"):
+            choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ProtextError(f"{_named(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "n_ctx", "depth", "classes_per_batch"):
             if getattr(self, name) < 1:
-                raise ProtextError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.lr <= 0 or self.warmup_lr <= 0:
-            raise ProtextError("warmup_epochs must be >= 0, and lr and warmup_lr > 0")
+                raise ProtextError(f"{_named(name)} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0:
+            raise ProtextError(f"{_named('warmup_epochs')} must be 0 or more, got {self.warmup_epochs}")
+        for name in ("lr", "warmup_lr"):
+            if getattr(self, name) <= 0:
+                raise ProtextError(f"{_named(name)} must be above 0, got {getattr(self, name)}")
         check_template(self.template)
+
+
+def _named(name: str) -> str:
+    """A setting as the messages name it: its name, and its flag."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 # What each setting accepts; a float setting takes an int too ("lr = 1" in a config file).
@@ -111,9 +116,11 @@ def check_setting(name: str, value: Any, where: str = "") -> Any:
     allowed = _KINDS[kind]
     if isinstance(value, bool) or not isinstance(value, allowed):
         expected = {"int": "a whole number", "float": "a number", "str": "a string"}[kind]
-        raise ProtextError(f"{where}setting '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
+        raise ProtextError(f"{where}setting '{name}' must be {expected}, got {value!r} ({type(value).__name__}; "
+                           f"flag --{name.replace('_', '-')})")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ProtextError(f"{where}setting '{name}' must be a finite number, got {value!r}")
+        raise ProtextError(f"{where}setting '{name}' must be a finite number, got {value!r} (flag "
+                           f"--{name.replace('_', '-')})")
     return float(value) if kind == "float" else value
 
 
@@ -236,6 +243,10 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not resume:
         raise ProtextError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it, or choose another --out")
+    if cfg.epochs <= cfg.warmup_epochs:
+        warnings.warn(f"epochs ({cfg.epochs}) is not more than warmup_epochs ({cfg.warmup_epochs}): every epoch runs "
+                      f"at the constant warm-up learning rate {cfg.warmup_lr:g}, so the prompts will barely move; "
+                      f"lower --warmup-epochs or train longer", stacklevel=2)
     classes, texts, cls_idx, txt_idx = pairs(descriptions)
     data_hash = _data_hash(descriptions)
     t0 = time.time()
@@ -382,7 +393,7 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
         raise ProtextError(f"{path}: cannot resume, settings differ ({shown})")
     if meta["data_sha1"] != data_hash:
         raise ProtextError(f"{path}: cannot resume, the descriptions differ from the ones this run started with")
-    if meta["fingerprint"] != model.config.fingerprint:
+    if not model.backbone.has_weights(meta["fingerprint"]):
         raise ProtextError(f"{path}: cannot resume, the checkpoint was made with backbone '{meta['backbone']}' (other weights)")
     with torch.no_grad():
         model.prompts.copy_(tensors["prompts"].to(model.prompts.device))
