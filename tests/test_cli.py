@@ -261,3 +261,22 @@ def test_accuracies_are_exact_fractions():
 
     feats, labels = torch.eye(3)[[0, 1, 2] * 8 + [0]], torch.tensor([0, 1, 2] * 8 + [1])
     assert top1(feats, labels, torch.eye(3)) == 100.0 * 24 / 25
+
+
+def test_bash_completion_knows_every_command_and_flag(tmp_path, capsys):
+    import subprocess
+
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "c.sh"
+    script.write_text(capsys.readouterr().out)
+    run = lambda words: subprocess.run(  # noqa: E731
+        ["bash", "-c", f"source {script}; COMP_WORDS=({words}); COMP_CWORD={len(words.split()) - 1}; _protext; "
+                       f"echo ${{COMPREPLY[@]}}"], capture_output=True, text=True, check=True).stdout.split()
+    assert run("protext la") == ["label"]
+    assert run("protext label --part") == ["--part-size"] and "--max-new-texts" in run("protext serve --max")
+
+
+def test_the_package_says_it_is_typed():
+    from importlib.resources import files
+
+    assert files("protext").joinpath("py.typed").is_file()

@@ -379,10 +379,14 @@ def _predict(args: argparse.Namespace) -> None:
 def _eval_flags(p: argparse.ArgumentParser) -> None:
     from .training.datasets import DATASETS
 
-    p.add_argument("--dataset", required=True, help=f"folder, csv, or one of: {', '.join(DATASETS)} (its loader, "
-                                                    f"and its templates for the clip and protext heads)")
-    p.add_argument("--data-root", type=Path, required=True, help="CoOp data root, image folder, or CSV file")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--dataset", required=True, help=f"folder, csv, hf:OWNER/NAME[:SPLIT] or hf:FOLDER (a Hugging Face "
+                                                    f"dataset, a save_to_disk folder or an image folder), or one of: "
+                                                    f"{', '.join(DATASETS)} (its loader, and its templates for the "
+                                                    f"clip and protext heads)")
+    p.add_argument("--data-root", type=Path, default=None, help="CoOp data root, image folder, or CSV file (not for "
+                                                                 "hf: datasets)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the split (an hf: dataset's own ':SPLIT' wins; its default: test, else validation, else train)")
     p.add_argument("--subset", default="all", choices=["all", "base", "novel"], help="CoOp base/novel half")
     p.add_argument("--heads", default=None, help="comma-separated heads, or 'all' for every head the given data allows "
                                                  "(default: clip, plus cupl/protext when possible)")
@@ -401,7 +405,9 @@ def _eval(args: argparse.Namespace) -> None:
 
     ctx = _context(args)
     _writable(args.output, "--output")
-    dataset = base_novel(load_dataset(args.dataset, args.data_root, args.split), args.subset)
+    if args.data_root is None and not args.dataset.startswith("hf:"):
+        raise ProtextError(f"--data-root is needed for --dataset {args.dataset} (the folder or file it is read from)")
+    dataset = base_novel(load_dataset(args.dataset, args.data_root or ".", args.split), args.subset)
     backbone, inputs = load_inputs(_options(args, dataset=dataset.name), ctx)
     heads = Heads(backbone, inputs, ctx)
     row = evaluate(backbone, dataset, heads, choose_heads(args.heads, inputs), ctx, args.max_pixels)
@@ -507,7 +513,8 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=Path, default=None, metavar="DIR",
                    help="label the image features stored in this folder by 'protext features' instead of images "
                         "(no image is read; the backbone must be the one that made them)")
-    p.add_argument("--classes", required=True, help=CLASSES_HELP)
+    p.add_argument("--classes", default=None, help=CLASSES_HELP + " (default, with --dataset hf:...: the dataset's "
+                                                                  "class names)")
     p.add_argument("--output", type=Path, required=True,
                    help=f"the file to write, its format from its suffix: {', '.join(FORMATS)}; finished parts are kept "
                         f"in <output>.parts/ until the end")
@@ -526,7 +533,10 @@ def _label(args: argparse.Namespace) -> None:
 
     output_format(args.output)
     _writable(args.output, "--output")
-    classes = read_class_list(args.classes)
+    hub = _hub_inputs(args)
+    if args.classes is None and (hub is None or hub.classes is None):
+        raise ProtextError("give the label set: --classes FILE or a,b,c")
+    classes = read_class_list(args.classes) if args.classes else hub.classes
     ctx = _context(args)
     common = {"top_k": args.top_k, "min_prob": args.min_prob, "activation": args.activation, "ctx": ctx}
     if args.features is not None:
@@ -538,8 +548,12 @@ def _label(args: argparse.Namespace) -> None:
         if args.backbone is None:
             args.backbone, args.revision = stored.info["backbone"], stored.info["revision"]
         report = label_features(_classifier(args, classes), args.features, args.output, **common)
+    elif hub is not None:
+        report = label(_classifier(args, classes), [hub.image(i) for i in range(len(hub))], args.output, **common,
+                       batch_size=args.batch_size, workers=args.workers, part_size=args.part_size,
+                       max_pixels=args.max_pixels)
     elif not args.paths:
-        raise ProtextError("give the images to label (PATH ...), or --features DIR")
+        raise ProtextError("give the images to label (PATH ...), --dataset hf:..., or --features DIR")
     elif args.engine == "ray":
         from .distributed import label_on_ray
 
@@ -552,8 +566,26 @@ def _label(args: argparse.Namespace) -> None:
     _print_report(report)
 
 
+def _hub_inputs(args: argparse.Namespace):
+    """The Hugging Face dataset `--dataset hf:...` names as the images to read (then no PATHs), or None;
+    `--dataset` becomes its short name, which picks the templates."""
+    from .hub_datasets import is_hub_dataset, open_dataset
+
+    if not is_hub_dataset(getattr(args, "dataset", None)):
+        return None
+    if args.paths or getattr(args, "features", None) is not None or args.engine != "local":
+        raise ProtextError(f"--dataset {args.dataset} gives the images: give no PATHs, no --features and no "
+                           f"--engine ray")
+    hub = open_dataset(args.dataset)
+    args.dataset = hub.name
+    return hub
+
+
 def _features_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help=PATHS_HELP)
+    p.add_argument("paths", nargs="*", metavar="PATH", help=PATHS_HELP)
+    p.add_argument("--dataset", default=None, metavar="hf:OWNER/NAME[:SPLIT]",
+                   help="read the images from this Hugging Face dataset (or save_to_disk / image folder) instead "
+                        "of PATHs")
     p.add_argument("--out", required=True, help="local folder to write the parts into")
     _add_job(p, 1024, "run the image tower")
     _add_backbone(p, with_prompts=False)
@@ -568,7 +600,10 @@ def _features(args: argparse.Namespace) -> None:
         raise ProtextError(f"--out {args.out}: write the features to a local folder (or a mounted one), then copy them")
     _writable(args.out, "--out", folder=True)
     ctx = _context(args)
-    paths = _collect(args.paths)
+    hub = _hub_inputs(args)
+    if hub is None and not args.paths:
+        raise ProtextError("give the images (PATH ...) or --dataset hf:...")
+    paths = [hub.image(i) for i in range(len(hub))] if hub is not None else _collect(args.paths)
     if args.engine == "ray":
         from .distributed import features_on_ray
 
@@ -606,6 +641,33 @@ def _export(args: argparse.Namespace) -> None:
     check = meta.get("onnx", {}).get("check")
     print(to_json({"out": str(args.out), "files": sorted(meta["files"]) + [JSON_FILE], "labels": len(meta["labels"]),
                    "head": meta["head"], "onnx_check": check}))
+
+
+def _completion_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash"], help="the shell to complete in")
+
+
+def _completion(args: argparse.Namespace) -> None:
+    """A bash completion script made from the parser: commands, then each command's flags."""
+    parser = build_parser("*")
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, sub in action.choices.items():
+        flags = sorted(o for a in sub._actions for o in a.option_strings if o.startswith("--"))
+        cases.append(f"    {name}) words=\"{' '.join(flags)}\" ;;")
+    print("\n".join([
+        "# protext completion: eval \"$(protext completion bash)\" (in ~/.bashrc to keep it)",
+        "_protext() {",
+        "  local cur=${COMP_WORDS[COMP_CWORD]} words",
+        "  if [ \"$COMP_CWORD\" -eq 1 ]; then",
+        f"    COMPREPLY=($(compgen -W \"{' '.join(action.choices)} --help --version\" -- \"$cur\")); return",
+        "  fi",
+        "  case ${COMP_WORDS[1]} in", *cases, "    *) words=\"\" ;;", "  esac",
+        "  if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W \"$words\" -- \"$cur\")); "
+        "else COMPREPLY=($(compgen -f -- \"$cur\")); fi",
+        "}",
+        "complete -F _protext protext",
+    ]))
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -655,6 +717,8 @@ COMMANDS: dict[str, tuple[str, str, Callable, Callable, str]] = {
                "scale), classifier.json (backbone, head, templates, label order, preprocessing) and, with --onnx, "
                "classifier.onnx (pixels to logits), checked against PyTorch with onnxruntime before it is written.",
                _export_flags, _export, "interrupted"),
+    "completion": ("print a shell completion script", "Print a bash completion script: eval \"$(protext completion "
+                   "bash)\".", _completion_flags, _completion, "interrupted"),
 }
 
 

@@ -39,6 +39,12 @@ from .label import finish, row, start
 from .parts import PartFolder, jsonl
 
 
+def _paths_only(paths: Sequence) -> None:
+    if any(not isinstance(p, (str, Path)) for p in paths[:1000]):
+        raise ProtextError("--engine ray reads files and URIs; rows of a dataset (--dataset hf:...) run on the "
+                           "local engine")
+
+
 def ray_module():
     """Ray, or an error that says how to install it."""
     try:
@@ -177,6 +183,7 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
     `workers` is the number of classifying actors (and decoding tasks at once); `runtime_env` is
     Ray's, for the actors (packages or environment variables the cluster's machines need)."""
     ray_module()
+    _paths_only(paths)
     output = Path(output)
     fmt, names, folder = start(clf, paths, output, top_k, min_prob, activation, part_size,
                                {"--workers": workers, "--batch-size": batch_size})
@@ -203,6 +210,7 @@ def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | 
     """`feature_folder.write_features` on a Ray cluster: the same parts (one per `part_size` inputs),
     resumed the same way; the other arguments as in `label_on_ray`."""
     ray_module()
+    _paths_only(paths)
     names = [str(p) for p in paths]
     folder = open_folder(backbone, names, Path(out), part_size, {"--workers": workers, "--batch-size": batch_size})
     dim = folder.settings["dim"]

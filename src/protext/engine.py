@@ -233,17 +233,20 @@ def check_counts(counts: dict[str, int | None]) -> None:
 
 
 def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_size: int,
-            encode: Callable[[Part, list[str]], bytes], *, batch_size: int = 32, workers: int | None = None,
+            encode: Callable[[Part, list[str]], bytes], *, items: Sequence[Item] | None = None,
+            batch_size: int = 32, workers: int | None = None,
             head: Callable[[torch.Tensor], torch.Tensor] | None = None, ctx: Context = Context(),
             desc: str = "images", max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
     """Compute the parts `folder` lacks and save each with `encode(part, its names)`; returns
-    (images processed, images reused, seconds)."""
+    (images processed, images reused, seconds). `items` are what is decoded (default: the names,
+    as paths or URIs; a dataset's rows otherwise)."""
+    items = names if items is None else items
     layout = spans(len(names), part_size)
     work = [(i, layout[i]) for i in folder.missing(range(len(layout)))]
     processed = sum(len(r) for _, r in work)
     started = time.perf_counter()
     with ctx.bar(processed, desc, "img", show=processed > 0) as bar:
-        for part in run(backbone, ((i, [names[k] for k in r]) for i, r in work), batch_size, workers, head,
+        for part in run(backbone, ((i, [items[k] for k in r]) for i, r in work), batch_size, workers, head,
                         bar.update, max_pixels):
             names_here = [names[k] for k in layout[part.index]]
             folder.write(part.index, encode(part, names_here), len(names_here), part.unreadable)

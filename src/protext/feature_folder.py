@@ -97,7 +97,8 @@ def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | P
     def encode(part: Part, names_here: list[str]) -> bytes:
         return part_bytes(names_here, part.features.numpy(), part.errors, dim)
 
-    processed, reused, seconds = run_job(backbone, names, folder, part_size, encode, batch_size=batch_size,
+    processed, reused, seconds = run_job(backbone, names, folder, part_size, encode, items=list(paths),
+                                         batch_size=batch_size,
                                          workers=workers, ctx=ctx, desc="image features", max_pixels=max_pixels)
     return summarise(folder, len(names), processed, reused, seconds)
 

@@ -235,7 +235,14 @@ def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[floa
     counts (KeyboardInterrupt and SystemExit still stop the run).
     """
     try:
-        return preprocess(open_image(image, max_pixels) if isinstance(image, (str, Path)) else image, size, mean, std)
+        if isinstance(image, (str, Path)):
+            image = open_image(image, max_pixels)
+        elif not isinstance(image, Image.Image):  # a row of a dataset, read now (`hub_datasets.HubImage`)
+            image = image.open()
+            if image.size[0] * image.size[1] > max_pixels:
+                raise TooManyPixels(f"{image.size[0]} x {image.size[1]} pixels, more than the limit of {max_pixels} "
+                                    f"(--max-pixels)")
+        return preprocess(image, size, mean, std)
     except Exception as e:
         raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
 

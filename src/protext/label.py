@@ -32,6 +32,7 @@ from .context import Context
 from .descriptions import normalize_name
 from .engine import JobReport, Part, check_counts, run_job, spans
 from .errors import ProtextError
+from .hub_datasets import HubImage
 from .images import MAX_PIXELS
 from .parts import PartFolder, jsonl
 
@@ -113,7 +114,7 @@ def open_parts(clf: ProTextClassifier, names: Sequence[str], output: Path, top_k
     return PartFolder(folder, ".jsonl", job, restart=f"or delete {folder} to start over")
 
 
-def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
+def label(clf: ProTextClassifier, paths: Sequence[str | Path | HubImage], output: Path, top_k: int = 3,
           min_prob: float | None = None, activation: str = "softmax", batch_size: int = 32,
           workers: int | None = None, part_size: int = 512, ctx: Context = Context(),
           max_pixels: int = MAX_PIXELS) -> JobReport:
@@ -129,7 +130,8 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top
     def encode(part: Part, names_here: list[str]) -> bytes:
         return jsonl(part_rows(part, names_here, clf.classes, top_k, min_prob))
 
-    processed, reused, seconds = run_job(clf.backbone, names, folder, part_size, encode, batch_size=batch_size,
+    processed, reused, seconds = run_job(clf.backbone, names, folder, part_size, encode, items=list(paths),
+                                         batch_size=batch_size,
                                          workers=workers, head=lambda f: clf.probabilities(f, activation), ctx=ctx,
                                          desc="labelling", max_pixels=max_pixels)
     return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,

@@ -206,6 +206,7 @@ def base_to_novel(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg, s
 
     def run_one(name: str) -> None:
         full = load_dataset(name, data_root)
+        name = full.name  # an hf: dataset goes by its short name
         data = _descriptions(name, full, settings, ctx)
         base, novel = base_novel(full, "base"), base_novel(full, "novel")
         base_data = select_classes(data, base.classes, name)
@@ -238,6 +239,7 @@ def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg, setti
 
     def run_one(name: str) -> None:
         ds = load_dataset(name, data_root)
+        name = ds.name  # an hf: dataset goes by its short name
         data = select_classes(_descriptions(name, ds, settings, ctx), ds.classes, name)
         prompts = load_or_train(backbone, data, cfg, Path(prompts_dir) / name, ctx)
         results.prompts = prompts.config.prompts_sha256

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
 from ..errors import ProtextError
+from ..hub_datasets import is_hub_dataset, open_dataset
 from ..images import list_images
 
 # name: (folder under the data root, image folder inside it, split file)
@@ -78,7 +79,10 @@ def display_name(name: str) -> str:
 
 
 def load_dataset(name: str, root: str | Path, split: str = "test") -> Dataset:
-    """A dataset by name (see DATASETS), or `folder` (root/class/*.jpg), or `csv` (a path,label file)."""
+    """A dataset by name (see DATASETS), or `folder` (root/class/*.jpg), or `csv` (a path,label file),
+    or `hf:OWNER/NAME[:SPLIT]` / `hf:FOLDER` (a Hugging Face dataset; `root` unused)."""
+    if is_hub_dataset(name):  # its own split, else --split (its test split, else validation, else train)
+        return hub_dataset(name, None if split == "test" else {"val": "validation"}.get(split, split))
     root = Path(root).expanduser()
     if split not in ("train", "val", "test"):
         raise ProtextError(f"split must be train, val or test, got {split!r}")
@@ -95,6 +99,14 @@ def load_dataset(name: str, root: str | Path, split: str = "test") -> Dataset:
     if name in IMAGENET_VARIANTS:
         return _imagenet_variant(name, root)
     raise ProtextError(f"unknown dataset {name!r}; choose from folder, csv, {', '.join(DATASETS)}")
+
+
+def hub_dataset(spec: str, split: str | None = None) -> Dataset:
+    """A Hugging Face dataset split (`hub_datasets.open_dataset`) with its ClassLabel names as classes."""
+    hub = open_dataset(spec, split)
+    if hub.classes is None:
+        raise ProtextError(f"--dataset {spec}: no label column (a ClassLabel feature), so nothing to evaluate against")
+    return Dataset(hub.name, hub.split, hub.classes, [(hub.image(i), label) for i, label in enumerate(hub.labels())])
 
 
 def _read_text(path: Path) -> str:

@@ -11,14 +11,10 @@ llama.cpp), as does a local `transformers` text-generation model.
 from __future__ import annotations
 
 import email.utils
-import http.client
-import json
 import random
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -90,10 +86,6 @@ class FatalError(ProtextError):
     """A fault every further request would hit too (a refused API key): it stops the whole run at once."""
 
 
-# Faults of the connection or of the HTTP exchange: dropped, reset or timed-out connections, short bodies.
-TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
-
-
 def parse_retry_after(value: str | None) -> float | None:
     """Retry-After as seconds: either a number or an HTTP date; None when absent or unreadable."""
     if not value:
@@ -108,32 +100,48 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def read_body(response: http.client.HTTPResponse, deadline: float) -> bytes:
-    """The whole body, or TimeoutError once `deadline` (time.monotonic) passes.
+def _openai():
+    """The openai package, or an error that says how to install it."""
+    try:
+        import httpx2
+        import openai
+    except ImportError as e:
+        raise ProtextError(f"describe talks to chat servers through the openai package ({e}): pip install -e "
+                           f"'.[describe]' (protext's 'describe' extra), or use --local-model") from e
+    return openai, httpx2
 
-    A socket timeout bounds one read only, so a server trickling bytes could hold a request for ever;
-    here each read may wait only for the time left.
-    """
-    sock = response.fp.raw._sock  # urllib offers no public way to the socket behind a response
-    chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request took longer than the time-out")
-        sock.settimeout(left)
-        chunk = response.read1(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if response.length:  # read1 ends quietly where the server closed the connection early
-        raise http.client.IncompleteRead(body, response.length)
-    return body
+
+def _deadline_transport(httpx2, seconds: float):
+    """An HTTP transport whose every request ends within `seconds`, however slowly the server sends:
+    a read time-out bounds one read only, so a server trickling bytes could hold a request for ever."""
+
+    class Stream(httpx2.SyncByteStream):
+        def __init__(self, inner, deadline: float):
+            self.inner, self.deadline = inner, deadline
+
+        def __iter__(self):
+            for chunk in self.inner:
+                if time.monotonic() > self.deadline:
+                    raise httpx2.ReadTimeout("the request took longer than the time-out")
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class Deadline(httpx2.HTTPTransport):
+        def handle_request(self, request):
+            deadline = time.monotonic() + seconds
+            response = super().handle_request(request)
+            return httpx2.Response(response.status_code, headers=response.headers, request=request,
+                                   stream=Stream(response.stream, deadline), extensions=response.extensions)
+
+    return Deadline()
 
 
 def token_count(usage: object, key: str) -> int:
     """One count of an answer's `usage`, 0 where missing or unreadable: counts only feed the report."""
-    value = usage.get(key) if isinstance(usage, dict) else None
+    value = getattr(usage, key, None) if usage is not None and not isinstance(usage, dict) else (
+        usage.get(key) if isinstance(usage, dict) else None)
     try:
         return max(0, int(value))
     except (TypeError, ValueError, OverflowError):
@@ -141,21 +149,27 @@ def token_count(usage: object, key: str) -> int:
 
 
 class ChatClient:
-    """An OpenAI-compatible chat-completions client with retries and backoff.
+    """An OpenAI-compatible chat-completions client (the `openai` package), with retries and backoff.
 
-    `timeout` bounds a whole request. 429, 5xx and every transport or format fault are retried; a refused
-    API key (401, 403) raises FatalError; other 4xx raise ProtextError at once.
+    `timeout` bounds a whole request. 429, 5xx and every transport or format fault are retried
+    (waiting `Retry-After` when the server says, else exponential backoff with jitter); a refused
+    API key (401, 403) raises FatalError; other 4xx raise ProtextError at once. The SDK's own
+    retries are off: this loop also retries malformed answers, which the SDK cannot see.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, temperature: float = 0.99,
                  max_tokens: int = 80, timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0,
                  max_backoff: float = 60.0, usage: Usage | None = None, sleep: Callable[[float], None] = time.sleep):
+        openai, httpx2 = _openai()
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+        self.openai, self.model = openai, model
         self.temperature, self.max_tokens, self.timeout = temperature, max_tokens, timeout
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.usage = usage or Usage()
         self.sleep = sleep
+        http = httpx2.Client(transport=_deadline_transport(httpx2, timeout), timeout=timeout, trust_env=True)
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=0,
+                                    http_client=http)
 
     def __call__(self, question: str) -> str:
         for attempt in range(self.max_retries + 1):
@@ -170,46 +184,40 @@ class ChatClient:
         raise AssertionError("unreachable")
 
     def _once(self, question: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": question}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        openai = self.openai
         self.usage.add(requests=1)
-        deadline = time.monotonic() + self.timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = read_body(response, deadline)
-        except urllib.error.HTTPError as e:
+            answer = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": question}], temperature=self.temperature,
+                max_tokens=self.max_tokens)
+        except openai.APIStatusError as e:
             raise self._status_error(e) from e
-        except TRANSPORT_ERRORS as e:
-            raise RetryableError(f"no answer ({type(e).__name__}: {getattr(e, 'reason', e)})") from e
-        return self._content(raw)
+        except openai.APIConnectionError as e:  # dropped, reset, timed out, cut short
+            cause = e.__cause__ or e
+            raise RetryableError(f"no answer ({type(cause).__name__}: {cause})") from e
+        except (openai.APIResponseValidationError, ValueError) as e:
+            raise RetryableError(f"malformed answer ({type(e).__name__})") from e
+        return self._content(answer)
 
-    def _status_error(self, e: urllib.error.HTTPError) -> Exception:
+    def _status_error(self, e) -> Exception:
         """What an error status means: try again later, stop the whole run, or fail this request."""
-        if e.code == 429 or e.code >= 500:
-            return RetryableError(f"HTTP {e.code}", parse_retry_after(e.headers.get("Retry-After")))
-        if e.code in (401, 403):
-            return FatalError(f"{self.url}: HTTP {e.code}: the server refused the API key "
+        code = e.status_code
+        if code == 429 or code >= 500:
+            return RetryableError(f"HTTP {code}", parse_retry_after(e.response.headers.get("Retry-After")))
+        if code in (401, 403):
+            return FatalError(f"{self.url}: HTTP {code}: the server refused the API key "
                               f"(check --api-key or $OPENAI_API_KEY)")
-        try:
-            detail = e.read(300).decode(errors="replace")
-        except TRANSPORT_ERRORS:
-            detail = "(no readable detail)"
-        return ProtextError(f"{self.url}: HTTP {e.code}: {detail}")
+        return ProtextError(f"{self.url}: HTTP {code}: {str(e.message)[:300]}")
 
-    def _content(self, raw: bytes) -> str:
+    def _content(self, answer) -> str:
         """The answer's text; a malformed answer is retried, unreadable token counts count as 0."""
         try:
-            data = json.loads(raw)
-            content = data["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise RetryableError(f"malformed answer: {raw[:120]!r}") from e
+            content = answer.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as e:
+            raise RetryableError(f"malformed answer: {str(answer)[:120]!r}") from e
         if not isinstance(content, str):
             raise RetryableError(f"malformed answer: content is {type(content).__name__}, not text")
-        usage = data.get("usage")
+        usage = getattr(answer, "usage", None)
         self.usage.add(prompt_tokens=token_count(usage, "prompt_tokens"),
                        completion_tokens=token_count(usage, "completion_tokens"))
         return content
@@ -218,7 +226,7 @@ class ChatClient:
 def chat_client(base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                 **options) -> ChatClient:
     """A ChatClient with the usual environment defaults: $OPENAI_BASE_URL (else OpenAI's API),
-    $PROTEXT_LLM_MODEL (else gpt-4o-mini) and $OPENAI_API_KEY."""
+    $PROTEXT_LLM_MODEL (else gpt-4o-mini) and $OPENAI_API_KEY, as the openai package reads them."""
     import os
 
     base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"

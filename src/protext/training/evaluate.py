@@ -23,6 +23,7 @@ from ..engine import run, spans
 from ..errors import ProtextError
 from ..feature_cache import feature_store
 from ..heads import Heads, head_names
+from ..hub_datasets import HubImage
 from ..images import MAX_PIXELS
 from ..metrics import top1
 from .datasets import Dataset
@@ -38,8 +39,10 @@ class LabelledFeatures:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def image_key(path: Path) -> str:
-    """Changes when the file does: path, size and modification time."""
+def image_key(path: Path | HubImage) -> str:
+    """Changes when the file does: path, size and modification time (a dataset row: its own key)."""
+    if isinstance(path, HubImage):
+        return path.key
     try:
         st = path.stat()
         return sha1(str(path.resolve()), str(st.st_size), str(st.st_mtime_ns))

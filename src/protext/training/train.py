@@ -32,7 +32,7 @@ from ..errors import ProtextError
 from ..context import Context
 from ..feature_cache import encode_texts
 from ..flags import option
-from ..model import INIT_PHRASE, INITS, ProText, PromptShape, is_complete, upgrade_init
+from ..model import DEFAULT_TEMPLATE, INIT_PHRASE, INITS, ProText, PromptShape, is_complete, upgrade_init
 from ..templates import check_template
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -77,6 +77,9 @@ class TrainConfig(PromptShape):
                                       "distinct inputs (every pair is still seen once per epoch)",
                               choices=("paper", "grouped"))
     classes_per_batch: int = option(8, "grouped batching: classes whose pairs fill a batch together")
+    anchor: float = option(0.0, "weight of a second loss keeping each class's prompted feature near the frozen "
+                                "feature of its plain template, 'a photo of a {class}.' (as KgCoOp); 0: the paper's "
+                                "loss alone")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,6 +101,8 @@ class TrainConfig(PromptShape):
         for name in ("lr", "warmup_lr"):
             if getattr(self, name) <= 0:
                 raise ProtextError(f"{_named(name)} must be above 0, got {getattr(self, name)}")
+        if self.anchor < 0:
+            raise ProtextError(f"{_named('anchor')} must be 0 or more, got {self.anchor}")
         check_template(self.template)
 
 
@@ -203,12 +208,22 @@ def epoch_order(classes: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Te
 
 
 def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: torch.Tensor,
-               targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+               targets: torch.Tensor, cfg: TrainConfig, anchors: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of one batch: each distinct class encoded once, in groups of similar token length where
-    cutting padding is exact (`TextTower.forward_lists`: CLIP and BERT, not SigLIP)."""
+    cutting padding is exact (`TextTower.forward_lists`: CLIP and BERT, not SigLIP). With `anchors`
+    (each class's frozen template feature), `cfg.anchor` times their distance is added."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
     feats = model.backbone.text.forward_lists([class_tokens[i] for i in uniq.tolist()], model.prompts)
-    return loss_fn(cfg, feats[inverse.to(feats.device)], targets)
+    loss = loss_fn(cfg, feats[inverse.to(feats.device)], targets)
+    if anchors is not None and cfg.anchor > 0:
+        loss = loss + cfg.anchor * loss_fn(cfg, feats, anchors[uniq.to(anchors.device)])
+    return loss
+
+
+def anchor_texts(cfg: TrainConfig, classes: Sequence[str]) -> list[str]:
+    """The plain template of each class, what the anchor loss keeps the prompted features near."""
+    template = cfg.template if cfg.init == "words" else DEFAULT_TEMPLATE
+    return [template.format(c) for c in classes]
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -256,6 +271,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     targets_all = encode_texts(backbone, texts, ctx)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
+    anchors = encode_texts(backbone, anchor_texts(cfg, classes), ctx).to(device) if cfg.anchor > 0 else None
     cls_t = torch.tensor(cls_idx, dtype=torch.long)
     opt = torch.optim.AdamW([model.prompts], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     autocast, scaler = _autocast(cfg, device)
@@ -278,7 +294,7 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 with autocast:
-                    loss = batch_loss(model, class_tokens, cls_t[idx], targets[idx.to(device)], cfg)
+                    loss = batch_loss(model, class_tokens, cls_t[idx], targets[idx.to(device)], cfg, anchors)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -387,7 +403,8 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
     if not meta or "prompts" not in tensors or "optimizer" not in meta:
         raise ProtextError(f"{path}: not a checkpoint this protext can resume; train again into a new --out")
     saved = upgrade_init(meta["config"])  # checkpoints written when init held the words
-    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # settings added since the checkpoint was written
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items() if saved.get(k, defaults[k]) != v}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ProtextError(f"{path}: cannot resume, settings differ ({shown})")
