@@ -76,8 +76,17 @@ class ChatServer:
                     self._leave()
 
             def _answer(self, question, usage):
-                name = re.sub(r"^.*?(?:of an? |of |like |a )", "", question).rstrip("?.")
-                text = f"1. A {name} is easy to spot in photos. It has many features."
+                pair = re.match(r"In a photo, how does a (.+) look different from a (.+)\? Give", question)
+                if question.startswith("The images show "):  # a meta-prompt: questions with a class slot
+                    task = question[len("The images show "):].split(".")[0]
+                    text = "\n".join(f"{i}. Describe how a {{}} looks in {task}, detail {i}." for i in range(1, 5))
+                elif pair:  # a differential question: attribute lines "A | B"
+                    a, b = pair.groups()
+                    text = (f"color: a photo of a {a} with warm tones | a photo of a {b} with cold tones\n"
+                            f"shape: a photo of a {a} with round edges | a photo of a {b} with sharp edges")
+                else:
+                    name = re.sub(r"^.*?(?:of an? |of |like |a )", "", question).rstrip("?.")
+                    text = f"1. A {name} is easy to spot in photos. It has many features."
                 counts = {"prompt_tokens": 10 if usage else None, "completion_tokens": 12 if usage else None}
                 message = {"role": "assistant", "content": text}
                 return json.dumps({"choices": [{"message": message}], "usage": counts}).encode()

@@ -11,6 +11,7 @@ from protext.baselines import dclip_clause, dclip_sentence, waffle_descriptors, 
 from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.descriptions import load_descriptions
+from protext.descriptions import normalize_name as normalize
 from protext.errors import ProtextError
 from protext.context import Context
 from protext.heads import HeadInputs, Heads, Waffle
@@ -145,3 +146,52 @@ def test_new_heads_everywhere(tiny, tiny_folder, tmp_path, capsys):
     assert main(["predict", "--backbone", str(tiny_folder), "--classes", ",".join(classes), image, "--head", "dclip",
                  "--descriptors", descriptors, "--cache-dir", str(tmp_path / "c")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] in classes
+
+
+def test_dclip_rules_as_its_code_has_them(tiny, tmp_path):
+    """The full stop on ImageNet only (not its variants), underscores as spaces, and the usual ImageNet
+    names DCLIP's file spells otherwise."""
+    descriptors = {"airplane cabin": ["has seats"]}
+    for dataset, after in (("imagenet", "."), ("imagenetv2", ""), ("imagenet_sketch", ""), (None, "")):
+        heads = Heads(tiny, HeadInputs(descriptors=descriptors, dataset=dataset), Context(tmp_path))
+        assert heads.sentences_of("dclip", ["airplane_cabin"]) == [f"airplane cabin, which has seats{after}"]
+    names = json.loads((SHARED / "classnames" / "imagenet.json").read_text())
+    imagenet = load_descriptors(str(DCLIP / "descriptors_imagenet.json"), published=True)
+    assert all(normalize(n) in imagenet for n in names)  # 'newt' and 'tights' too
+    assert imagenet["newt"] == imagenet["eft"] and imagenet["tights"] == imagenet["maillot"]
+
+
+def test_waffle_words_are_whole_words_of_the_vocabulary():
+    from protext.tiny import clip_tokenizer
+
+    tokenizer = clip_tokenizer(["alphabet", "bravo"])
+    words = word_vocabulary(tokenizer)
+    assert "alphabet" in words and "bravo" in words
+    assert not any(w in words for w in ("alphabe", "alp", "brav"))  # pieces that never end a word
+
+
+def test_mpvr_descriptions_make_the_cupl_classifier_mpvr_builds(tiny_folder, tmp_path):
+    """MPVR's classifier is the renormalised mean of a class's normalised description features
+    (CLIP's 77-token cut), which is what the cupl head builds from an mpvr: set."""
+    import shutil
+
+    from protext import sources
+
+    ctx = Context(tmp_path, progress=False)
+    for name, file in (("mpvr:eurosat", "gpt/EuroSAT.json"), ("mpvr-mixtral:eurosat", "mixtral/EuroSAT.json")):
+        cached = sources.cached_path(name, ctx)  # as if downloaded from its pinned address
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "descriptions" / "mpvr" / file, cached)
+    assert sources.dataset_of("mpvr:eurosat") == "eurosat"
+    data = load_descriptions(SHARED / "descriptions" / "mpvr" / "gpt" / "EuroSAT.json")
+    classes = ["Annual Crop Land", "Forest", "River"]
+    clf = ProTextClassifier.from_backbone(str(tiny_folder), classes, ctx, head="cupl", descriptions="mpvr:eurosat")
+    text = clf.backbone.text
+    for i, c in enumerate(classes):
+        sentences = data[c.lower()]
+        assert len(sentences) == 340  # 34 questions, 10 answers each
+        want = F.normalize(F.normalize(text.encode(sentences), dim=-1).mean(0), dim=0)
+        assert torch.allclose(clf.weights[i], want, atol=1e-5)
+    mixtral = ProTextClassifier.from_backbone(str(tiny_folder), classes, ctx, head="cupl",
+                                              descriptions="mpvr-mixtral:eurosat")
+    assert not torch.allclose(mixtral.weights, clf.weights)

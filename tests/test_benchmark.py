@@ -106,17 +106,19 @@ def test_base2novel_and_text_only_protocols_end_to_end(tiny_folder, tmp_path, co
     with Image.open(out / "base2novel.png") as png:
         assert png.size[0] > 300
     assert main(["benchmark", "text-only", *args, "--descriptors-dir", str(tmp_path / "descriptors"),
-                 "--waffle-seeds", "2"]) == 0
+                 "--waffle-seeds", "2", "--awt-dir", str(SHARED / "descriptions" / "awt")]) == 0
     text_only = json.loads((out / "text-only.json").read_text())
     heads = {d: {r["head"] for r in text_only["rows"] if r["dataset"] == d and r["source"] == "measured"}
              for d in ("eurosat", "dtd")}
-    assert heads["dtd"] == {"clip", "clip80", "dclip", "waffle", "cupl", "protext", "protext+cupl"}
+    assert heads["dtd"] == {"clip", "clip80", "dclip", "waffle", "cupl", "protext", "awt", "protext+cupl"}
+    # AWT's EuroSAT file names four classes otherwise ("brushland or shrubland"): not run, and said why
+    assert "awt" not in heads["eurosat"] and "'Sea or Lake'" in text_only["not_run"]["eurosat/awt"]
     assert "dclip" not in heads["eurosat"]
     assert "no descriptors for 4 requested classes" in text_only["not_run"]["eurosat/dclip"]
     assert "'Herbaceous Vegetation Land'" in text_only["not_run"]["eurosat/dclip"]  # names the classes it lacks
     md = (out / "text-only.md").read_text()
     for method, published in (("CLIP", 66.72), ("CLIP-80", 68.32), ("DCLIP", 68.03), ("WaffleCLIP", 68.34),
-                              ("CuPL", 69.62), ("ProText", 70.22)):
+                              ("CuPL", 69.62), ("ProText", 70.22), ("AWT", 71.32)):
         assert f"| {method} | not run | {published} |" in md  # no ImageNet here, the paper's figure beside it
     assert "| ProText+CuPL | not run | – |" in md and "mean of 2 seeds" in md
     assert "eurosat / dclip:" in md

@@ -199,7 +199,7 @@ def test_openapi_schema_documents_the_api(prompts, tmp_path):
     post = schema["paths"]["/v1/classify"]["post"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
     form = schema["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]] if "$ref" in form else form
-    assert set(form["properties"]) == {"images", "labels", "label_set", "head", "top_k", "activation"}
+    assert set(form["properties"]) == {"images", "labels", "label_set", "head", "top_k", "activation", "explain"}
     assert {"200", "400", "401", "403", "408", "413", "415", "422", "503", "504"} <= set(post["responses"])
     assert "ErrorBody" in schema["components"]["schemas"] and "Classified" in schema["components"]["schemas"]
 
@@ -427,3 +427,30 @@ def test_the_page_says_what_is_wrong_takes_label_files_and_works_by_keyboard(ser
         if page.evaluate("document.activeElement && document.activeElement.id") == "choose":
             break
     assert page.evaluate("document.activeElement.id") == "choose"
+
+
+def test_the_page_shows_the_descriptions_behind_a_label(server, chromium, tmp_path):
+    page = chromium
+    page.call("Page.enable")
+    page.call("Page.navigate", url=server + "/")
+    page.wait_for("document.body && document.body.dataset.ready === '1'")
+    assert page.evaluate("document.querySelector('#explain').disabled")  # protext: no descriptions of its own
+    page.evaluate("""(() => {
+        const head = document.querySelector('#head');
+        head.value = 'clip80';
+        head.dispatchEvent(new Event('change'));
+        document.querySelector('#explain').checked = true;
+    })()""")
+    assert not page.evaluate("document.querySelector('#explain').disabled")
+    image = tmp_path / "cat.jpg"
+    shutil.copy(sorted((CIFAR / "cat").iterdir())[1], image)
+    root = page.call("DOM.getDocument")["root"]["nodeId"]
+    node = page.call("DOM.querySelector", nodeId=root, selector="#files")["nodeId"]
+    page.call("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
+    shown = page.wait_for("document.querySelectorAll('.result .why li').length === 3 && "
+                          "[...document.querySelectorAll('.result .why li')].map(l => l.textContent)")
+    with local_client() as client:
+        answer = client.post(server + "/v1/classify", files=uploads([image]),
+                             data={"head": "clip80", "explain": "3", "top_k": "5"}).json()
+    assert shown == [f"{e['text']} ({e['score']:.3f})" for e in answer["results"][0]["explain"]]
+    assert all(answer["results"][0]["top"][0]["label"] in text for text in shown)

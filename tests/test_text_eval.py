@@ -67,7 +67,7 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
     assert r["queries"] == {"base": 25, "novel": 125}
     for split in ("base", "novel", "hm"):
         # no DCLIP descriptors given: no dclip
-        assert set(r[split]) == {"clip", "clip80", "protext", "cupl", "waffle", "protext+cupl"}
+        assert set(r[split]) == {"clip", "clip80", "protext", "cupl", "awt", "waffle", "protext+cupl"}
         assert all(0 <= v <= 100 for v in r[split].values())
     assert r["novel"]["cupl"] == r["novel"]["clip"]
     assert all("thing" in e["masked"] for e in r["examples"])

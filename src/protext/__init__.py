@@ -18,6 +18,7 @@ _EXPORTS = {
     "PromptShape": "model", "PromptConfig": "model", "ProText": "model",
     "ProTextClassifier": "classifier", "ClassifierOptions": "classifier", "build_classifier": "classifier",
     "HeadInputs": "heads",
+    "TransductiveSettings": "transductive", "refine": "transductive",
     "TrainConfig": "training.train", "make_config": "training.train", "train": "training.train",
 }
 __all__ = sorted(_EXPORTS)

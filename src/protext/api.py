@@ -79,9 +79,15 @@ class Prob(BaseModel):
     prob: float
 
 
+class Reason(BaseModel):
+    text: str
+    score: float
+
+
 class ImageResult(BaseModel):
     image: str
     top: list[Prob]
+    explain: list[Reason] | None = None
 
 
 class Classified(BaseModel):
@@ -103,8 +109,10 @@ class LabelSets(BaseModel):
     default_label_set: str | None
     heads: list[str]
     default_head: str
+    explains: list[str]
     top_k: int
     backbone: str
+    precision: str = "fp32"  # the image tower's arithmetic (serve --precision)
     prompts: bool
 
 
@@ -389,6 +397,8 @@ FORM_FIELDS = {
     "top_k": {"type": "integer", "description": "labels per image; default: the server's"},
     "activation": {"type": "string", "enum": ["softmax", "sigmoid"], "description": "softmax: probabilities over "
                    "the labels, summing to 1; sigmoid: each label's own (SigLIP)"},
+    "explain": {"type": "integer", "description": "also return, per image, this many descriptions that weighed most "
+                                                 "for its top label (heads built from texts); default 0"},
 }
 
 
@@ -419,7 +429,7 @@ def _fields(form) -> dict[str, Any]:
     if any(not isinstance(f, UploadFile) for f in images):
         raise ApiError(422, "images: every 'images' field must be a file upload")
     single = {}
-    for name in ("label_set", "head", "top_k", "activation"):
+    for name in ("label_set", "head", "top_k", "activation", "explain"):
         values = form.getlist(name)
         if len(values) > 1:
             raise ApiError(422, f"{name}: given {len(values)} times")
@@ -429,14 +439,16 @@ def _fields(form) -> dict[str, Any]:
     labels = form.getlist("labels")
     if any(not isinstance(v, str) for v in labels):
         raise ApiError(422, "labels: must be text, not files")
-    top_k = single["top_k"]
-    if top_k is not None:
-        try:
-            top_k = int(top_k)
-        except ValueError:
-            raise ApiError(422, f"top_k: must be a whole number, got {single['top_k']!r}") from None
+    whole = {}
+    for name in ("top_k", "explain"):
+        whole[name] = single[name]
+        if whole[name] is not None:
+            try:
+                whole[name] = int(whole[name])
+            except ValueError:
+                raise ApiError(422, f"{name}: must be a whole number, got {single[name]!r}") from None
     return {"images": images, "labels": labels or None, "label_set": single["label_set"], "head": single["head"],
-            "top_k": top_k, "activation": single["activation"] or "softmax"}
+            "top_k": whole["top_k"], "activation": single["activation"] or "softmax", "explain": whole["explain"] or 0}
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -484,7 +496,7 @@ def create_app(service: Service, access: Access = Access(), bind: str = "127.0.0
         log.error("internal error", exc_info=e)
         return _error(500, "internal error; the server log has the details")
 
-    @app.post("/v1/classify", response_model=Classified, responses=errors,
+    @app.post("/v1/classify", response_model=Classified, response_model_exclude_unset=True, responses=errors,
               summary="Top-k labels with probabilities for each uploaded image",
               openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                   "type": "object", "required": ["images"], "properties": FORM_FIELDS}}}}})

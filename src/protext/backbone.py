@@ -15,9 +15,11 @@ sigmoid loss has a learned bias, CLIP's softmax none).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +38,12 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 MODEL_TYPES = ("clip", "siglip", "siglip2", "bert")
 
+# The image tower's arithmetic. fp32 is the default and the reference; int8 quantizes the vision
+# model's linear layers (dynamic int8 on the CPU: weights stored in int8, activations quantized
+# per batch); bf16 and fp16 cast the whole vision model (fp16 only on CUDA, where it has kernels).
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class ImageTower:
@@ -47,6 +55,7 @@ class ImageTower:
     image_size: Size
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    precision: str = "fp32"  # see PRECISIONS; `at_precision` makes the others
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @torch.no_grad()
@@ -54,12 +63,47 @@ class ImageTower:
         pooled = self.model(**self._inputs(pixels)).pooler_output
         return torch.nn.functional.normalize(self.projection(pooled).float(), dim=-1)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.projection.parameters(), next(self.model.parameters())).device
+
+    def at_precision(self, precision: str) -> "ImageTower":
+        """This tower computing in `precision` (one of `PRECISIONS`): a new tower on a copy of the
+        weights (this one is left as it is), or this one for its own precision. The fingerprint
+        says the precision, so caches and feature folders never mix features of two precisions."""
+        if precision not in PRECISIONS:
+            raise ProtextError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+        if precision == self.precision:
+            return self
+        if self.precision != "fp32":
+            raise ProtextError(f"this image tower already runs in {self.precision}; load the backbone again for "
+                               f"{precision}")
+        device = self.device
+        if precision == "int8" and device.type != "cpu":
+            raise ProtextError("--precision int8 runs on the CPU (PyTorch's int8 kernels); on a GPU use bf16 or fp16")
+        if precision == "fp16" and device.type != "cuda":
+            raise ProtextError("--precision fp16 needs a CUDA device; on the CPU use int8 (fastest) or bf16")
+        base = self.fingerprint()
+        if precision == "int8":
+            with warnings.catch_warnings():  # torch.ao's dynamic quantization warns that torchao will replace it
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(self.model, {nn.Linear}, dtype=torch.qint8)
+            projection = self.projection
+        else:
+            model = copy.deepcopy(self.model).to(_DTYPES[precision])
+            projection = copy.deepcopy(self.projection).to(_DTYPES[precision])
+        tower = replace(self, model=model, projection=projection, precision=precision)
+        tower._fingerprint = f"{base}-{precision}"
+        return tower
+
     def _inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The vision model's arguments; NaFlex patches carry their grid positions (see `images.NaFlex`)."""
+        """The vision model's arguments, pixels in the tower's dtype; NaFlex patches carry their grid
+        positions (see `images.NaFlex`)."""
+        dtype = _DTYPES.get(self.precision, torch.float32)
         if not isinstance(self.image_size, NaFlex):
-            return {"pixel_values": pixels}
+            return {"pixel_values": pixels.to(dtype)}
         grid = pixels[..., -2:]
-        return {"pixel_values": pixels[..., :-2], "pixel_attention_mask": (grid[..., 0] >= 0).long(),
+        return {"pixel_values": pixels[..., :-2].to(dtype), "pixel_attention_mask": (grid[..., 0] >= 0).long(),
                 "spatial_shapes": (grid.amax(dim=1) + 1).long()}
 
     @torch.no_grad()
@@ -100,6 +144,15 @@ class Backbone:
     @property
     def device(self) -> torch.device:
         return self.text.device
+
+    def at_precision(self, precision: str) -> "Backbone":
+        """This backbone with its image tower in `precision` (see `ImageTower.at_precision`); the
+        text tower, which runs once per label set, stays in fp32."""
+        if self.image is None or precision == self.image.precision:
+            if self.image is None and precision != "fp32":
+                raise ProtextError(f"--precision {precision}: backbone '{self.name}' has no image tower")
+            return self
+        return replace(self, image=self.image.at_precision(precision), _fingerprint=self._fingerprint)
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.text.to(device)
@@ -160,9 +213,12 @@ def looks_like_folder(name: str) -> bool:
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, device: str | None = None,
-                  progress: bool = True) -> Backbone:
-    """Load `name` (Hub id or local folder) as a frozen backbone on `device` (default: CUDA if present);
-    `progress` False keeps `transformers`' loading bars quiet too."""
+                  progress: bool = True, precision: str = "fp32") -> Backbone:
+    """Load `name` (Hub id or local folder) as a frozen backbone on `device` (default: CUDA if present),
+    its image tower in `precision` (`PRECISIONS`); `progress` False keeps `transformers`' loading
+    bars quiet too."""
+    if precision not in PRECISIONS:  # before minutes of downloading
+        raise ProtextError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
     from transformers.utils import logging as transformers_logging
 
@@ -201,7 +257,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
     commit = revision or getattr(config, "_commit_hash", None)
     backbone = from_model(model, tokenizer, name=name if not local.exists() else str(local.resolve()), revision=commit, folder=local if local.exists() else None)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return backbone.to(dev)
+    return backbone.to(dev).at_precision(precision)
 
 
 def from_model(model: nn.Module, tokenizer, name: str, revision: str | None = None, folder: Path | None = None) -> Backbone:

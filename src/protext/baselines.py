@@ -40,13 +40,16 @@ def word_vocabulary(tokenizer) -> list[str]:
     """Whole words of a tokenizer's own vocabulary (which ships as text with every model), sorted.
 
     WaffleCLIP draws random words from an English word list; a model's vocabulary gives the
-    same kind of words without any extra download. Word-start and word-end markers of the
-    common tokenizers (CLIP's "</w>", GPT's "Ġ", SentencePiece's "▁") are stripped; WordPiece
-    continuations ("##ing") are not words.
+    same kind of words without any extra download. A vocabulary that marks word ends (CLIP's
+    "</w>") gives only the tokens that end a word: the others are pieces of longer words
+    ("aband", "albat"). Word-start markers (GPT's "Ġ", SentencePiece's "▁") are stripped;
+    WordPiece continuations ("##ing") are not words.
     """
+    vocab = tokenizer.get_vocab()
+    ends_marked = any(token.endswith("</w>") for token in vocab)
     words = set()
-    for token in tokenizer.get_vocab():
-        if token.startswith("##"):
+    for token in vocab:
+        if token.startswith("##") or (ends_marked and not token.endswith("</w>")):
             continue
         word = token.removesuffix("</w>").lstrip("Ġ▁")
         if len(word) >= 3 and word.isascii() and word.isalpha() and word.islower():

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from .backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from .backbone import DEFAULT_BACKBONE, PRECISIONS, Backbone, load_backbone
 from .context import Context
-from .descriptions import load_descriptions, normalize_name
+from .descriptions import load_descriptions, load_differential, normalize_name
 from .engine import run
 from .errors import ProtextError
 from .flags import option
@@ -25,6 +26,7 @@ from .heads import Heads, HeadInputs, Waffle, default_heads, head_names
 from .images import MAX_PIXELS
 from .model import ProText, check_backbone
 from .sources import load_descriptors, resolve
+from .transductive import TransductiveSettings
 
 # How image-text logits become probabilities: a softmax over the label set (CLIP's training loss;
 # the probabilities sum to 1), or each label's own sigmoid with the model's learned bias (SigLIP's).
@@ -42,12 +44,15 @@ class ClassifierOptions:
                                         f"--prompts were trained on, else {DEFAULT_BACKBONE}); with --prompts, "
                                         "checked against their weights' fingerprint")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the backbone")
+    precision: str = option("fp32", "the image tower's arithmetic: fp32; int8 (CPU, about 2.5-3x faster, features "
+                                     "within about 0.999 cosine of fp32's); bf16; fp16 (CUDA only)", choices=PRECISIONS)
     head: str | None = option(None, "one head, or heads joined with '+' (default: protext with --prompts, else cupl "
                                     "with --descriptions, else clip)")
     dataset: str | None = option(None, "the dataset the classes come from (e.g. oxford_pets): the clip head uses its "
                                        "template, dclip its full-stop rule")
     descriptions: str | None = option(None, "CuPL-style description JSON or set name (cupl:NAME), for cupl")
     descriptors: str | None = option(None, "DCLIP descriptor JSON or set name (dclip:NAME), for dclip")
+    differential: str | None = option(None, "differential descriptions JSON (from describe --differential), for fudd")
     waffle_count: int = option(15, "waffle: pairs of random descriptors")
     waffle_seed: int = option(0, "waffle: seed of the random descriptors")
     waffle_concept: str | None = option(None, "waffle: a high-level concept, as in 'A photo of a {concept}: a "
@@ -69,19 +74,24 @@ def load_backbone_of(options: ClassifierOptions, ctx: Context = Context()) -> tu
     if backbone is None:
         backbone = prompts.backbone if prompts is not None else load_backbone(DEFAULT_BACKBONE, options.revision,
                                                                                ctx.device, ctx.progress)
-    return backbone, prompts
+    return backbone.at_precision(options.precision), prompts
 
 
 def load_inputs(options: ClassifierOptions, ctx: Context = Context()) -> tuple[Backbone, HeadInputs]:
     """The backbone and everything the heads read, loaded once."""
     descriptions, descriptors = options.descriptions, options.descriptors
     if descriptions is not None and not isinstance(descriptions, Mapping):
-        descriptions = load_descriptions(resolve(str(descriptions), ctx, "cupl:"))
+        # blanks kept in place for AWT, which counts them; every other head skips them
+        descriptions = load_descriptions(resolve(str(descriptions), ctx, "cupl:"), keep_blank=True)
     if descriptors is not None and not isinstance(descriptors, Mapping):
         descriptors = load_descriptors(str(descriptors), ctx)
     waffle = Waffle(options.waffle_count, options.waffle_seed, options.waffle_concept)
+    differential = options.differential
+    if differential is not None and not isinstance(differential, Mapping):
+        differential = load_differential(differential)
     backbone, prompts = load_backbone_of(options, ctx)
-    return backbone, HeadInputs(prompts, descriptions, descriptors, waffle, options.dataset, options.cross_dataset)
+    return backbone, HeadInputs(prompts, descriptions, descriptors, waffle, options.dataset, options.cross_dataset,
+                                differential=differential)
 
 
 def build_classifier(options: ClassifierOptions, classes: Sequence[str], ctx: Context = Context()) -> "ProTextClassifier":
@@ -101,6 +111,8 @@ class Prediction:
     inputs: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     activation: str = "softmax"
+    # with predict(explain=k): per image, the k texts of its label that weighed most, with their scores
+    explanations: list[list[tuple[str, float]]] | None = None
 
     def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
         values, idx = self.probs.topk(min(k, self.probs.shape[1]), dim=1)
@@ -151,7 +163,8 @@ class ProTextClassifier:
         is encoded, so only the image tower is needed. `head` names where the embeddings came from."""
         if backbone.image is None:
             raise ProtextError(f"backbone '{backbone.name}' has no image tower")
-        if tuple(weights.shape) != (len(classes), backbone.text.feature_dim):
+        if weights.dim() != 2 + (head == "awt") or weights.shape[0] != len(classes) or \
+                weights.shape[-1] != backbone.text.feature_dim:
             raise ProtextError(f"class embeddings have shape {tuple(weights.shape)}, expected "
                                f"({len(classes)}, {backbone.text.feature_dim}) for {len(classes)} classes on '{backbone.name}'")
         clf = cls.__new__(cls)
@@ -177,7 +190,7 @@ class ProTextClassifier:
         self.classes = classes
         self.weights = self.heads.get(self.head, classes)
 
-    def image_features(self, images: Iterable[str | Path | Image.Image | torch.Tensor], batch_size: int = 32,
+    def image_features(self, images: Iterable[str | Path | Image.Image | torch.Tensor], batch_size: int | None = None,
                        max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
         """Features of the readable images, their names, and (name, reason) of the others."""
         items, names = [], []
@@ -189,16 +202,22 @@ class ProTextClassifier:
             else:
                 items.append(item)
                 names.append(str(item) if isinstance(item, (str, Path)) else f"image[{i}]")
+        augment = (self.views, self.inputs.awt.seed) if self.views else None
         part = next(run(self.backbone, [(0, items)], batch_size, workers=min(4, max(1, len(items))),
-                        max_pixels=max_pixels))
+                        max_pixels=max_pixels, augment=augment))
         good = [j for j, e in enumerate(part.errors) if e is None]
         return (part.features[good], [names[j] for j in good],
                 [(names[j], e) for j, e in enumerate(part.errors) if e is not None])
 
+    @property
+    def views(self) -> int:
+        """Augmented views of each image the head scores besides the image itself (AWT's 50; else 0)."""
+        return self.heads.views(self.head)
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The model's image-text logits: scale · cosine, plus SigLIP's learned bias."""
-        logits = self.backbone.logit_scale * features @ self.weights.T
-        return logits if self.backbone.logit_bias is None else logits + self.backbone.logit_bias
+        """The model's image-text logits: scale · cosine, plus SigLIP's learned bias (or the head's own rule,
+        on view features (N, 1 + views, d))."""
+        return self.heads.logits(self.head, features, self.weights, self.classes)
 
     def check_activation(self, activation: str) -> None:
         """Refuse a kind of probabilities this backbone cannot give (sigmoid needs SigLIP's bias)."""
@@ -214,14 +233,44 @@ class ProTextClassifier:
         logits = self.logits(features)
         return logits.sigmoid() if activation == "sigmoid" else logits.softmax(-1)
 
+    def refine(self, features: torch.Tensor, settings: TransductiveSettings | None = None,
+               store: str | Path | None = None) -> torch.Tensor:
+        """Transductive probabilities (N, C) for a whole collection's image features (N, d): this head's
+        predictions refined together with TransCLIP's procedure (`protext.transductive`)."""
+        from .transductive import refine
+
+        if self.views:
+            raise ProtextError(f"head '{self.head}' scores augmented views; transductive refinement reads one "
+                               f"feature per image: choose another head")
+        features = F.normalize(features.float(), dim=-1)
+        return refine(features, self.probabilities(features), settings or TransductiveSettings(), store, self.ctx)
+
     def predict(self, images: Iterable[str | Path | Image.Image | torch.Tensor] | str | Path | Image.Image,
-                batch_size: int = 32, activation: str = "softmax", max_pixels: int = MAX_PIXELS) -> Prediction:
+                batch_size: int | None = None, activation: str = "softmax", max_pixels: int = MAX_PIXELS,
+                explain: int = 0) -> Prediction:
         """Classify image files, PIL images or preprocessed (3, H, W) / (N, 3, H, W) tensors; `activation`
-        is softmax (over the label set) or sigmoid (per label, SigLIP only). Top-1 is the same either way."""
+        is softmax (over the label set) or sigmoid (per label, SigLIP only). Top-1 is the same either way.
+        With `explain=k`, `explanations` holds the k texts that weighed most for each label (see `explain`)."""
         self.check_activation(activation)
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
             images = [images]
         feats, names, skipped = self.image_features(images, batch_size, max_pixels)
         probs = self.probabilities(feats, activation) if len(feats) else torch.empty(0, len(self.classes))
-        return Prediction(self.classes, [self.classes[i] for i in probs.argmax(1).tolist()], probs, names, skipped,
-                          activation)
+        chosen = probs.argmax(1).tolist()
+        return Prediction(self.classes, [self.classes[i] for i in chosen], probs, names, skipped, activation,
+                          self.explain(feats, chosen, explain) if explain else None)
+
+    def explain(self, features: torch.Tensor, labels: Sequence[int], k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each image's features and label (a class index), the `k` texts of that class that weighed
+        most (`Heads.explain`): descriptions by cosine for cupl and dclip, AWT's prompts by their share
+        of the logit, FuDD's captions by cosine. Refused for heads without texts of their own."""
+        if k < 1:
+            raise ProtextError(f"explain must be at least 1 text, got {k}")
+        self.check_explains()
+        return self.heads.explain(self.head, features, self.weights, self.classes, labels, k)
+
+    def check_explains(self) -> None:
+        """Refuse to explain with a head that has no texts of its own."""
+        if not self.heads.explains(self.head):
+            raise ProtextError(f"head '{self.head}' has no descriptions to explain a label with; explanations come "
+                               f"from heads built from texts (cupl, dclip, awt, fudd, clip80, waffle)")

@@ -64,11 +64,11 @@ def _add_classifier(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     from .classifier import ClassifierOptions
     from .heads import HEADS
 
-    add_flags(p, ClassifierOptions, only=["prompts", "backbone", "revision", "head", "dataset"], skip=skip)
+    add_flags(p, ClassifierOptions, only=["prompts", "backbone", "revision", "precision", "head", "dataset"], skip=skip)
     g = p.add_argument_group("what the heads read ("
                              + "; ".join(f"{h.name}: {h.given_by or 'nothing'}" for h in HEADS.values())
                              + "; join any heads with '+', e.g. protext+cupl)")
-    add_flags(g, ClassifierOptions, only=["descriptions", "descriptors", "waffle_count", "waffle_seed",
+    add_flags(g, ClassifierOptions, only=["descriptions", "descriptors", "differential", "waffle_count", "waffle_seed",
                                           "waffle_concept", "cross_dataset"], skip=skip)
 
 
@@ -87,19 +87,21 @@ def _classifier(args: argparse.Namespace, classes: list[str]):
     return clf
 
 
-def _add_backbone(p: argparse.ArgumentParser, with_prompts: bool = True) -> None:
+def _add_backbone(p: argparse.ArgumentParser, with_prompts: bool = True, precision: bool = False) -> None:
+    """--backbone and --revision; with `precision`, --precision of the image tower (commands that read images)."""
     from .backbone import DEFAULT_BACKBONE
     from .classifier import ClassifierOptions
 
     text = None if with_prompts else {"backbone": f"Hub id or local folder of a CLIP or SigLIP model (default: "
                                                   f"{DEFAULT_BACKBONE})"}
-    add_flags(p, ClassifierOptions, only=["backbone", "revision"], help=text)
+    add_flags(p, ClassifierOptions, only=["backbone", "revision"] + (["precision"] if precision else []), help=text)
 
 
-def _backbone(args: argparse.Namespace):
+def _backbone(args: argparse.Namespace, precision: str = "fp32"):
+    """The backbone --backbone names, its image tower in `precision` (train's --precision is the training step's)."""
     from .backbone import DEFAULT_BACKBONE, load_backbone
 
-    return load_backbone(args.backbone or DEFAULT_BACKBONE, args.revision, args.device, args.progress)
+    return load_backbone(args.backbone or DEFAULT_BACKBONE, args.revision, args.device, args.progress, precision)
 
 
 def _add_training_overrides(p: argparse.ArgumentParser) -> None:
@@ -126,7 +128,8 @@ def _print_report(report) -> None:
 
 def _add_job(p: argparse.ArgumentParser, part_size: int, what: str) -> None:
     """The flags `label` and `features` share: batching, decoding, parts, Ray."""
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 32 on the CPU, 256 on a GPU)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8); "
                                                                  "with --engine ray, image-tower actors (default: 2)")
     p.add_argument("--part-size", type=int, default=part_size,
@@ -256,7 +259,22 @@ def _describe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.99)
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--max-chars", type=int, default=300, help="drop answers longer than this")
-    add_flags(p, Context, only=["progress"])
+    g = p.add_argument_group("beyond CuPL's questions")
+    g.add_argument("--meta-prompt", default=None, metavar="TASK",
+                   help="MPVR: a one-line description of the images (e.g. 'satellite photos of land use'); the LLM "
+                        "first writes the questions for it (kept in <output>.templates.json), then answers them")
+    g.add_argument("--templates", type=int, default=30, help="--meta-prompt: questions to ask for (default: %(default)s)")
+    g.add_argument("--differential", action="store_true",
+                   help="FuDD: ask, for each pair of classes the backbone's text features find confusable, how they "
+                        "differ; writes {class: {other: [captions]}} for the fudd head")
+    g.add_argument("--neighbours", type=int, default=3,
+                   help="--differential: each class is paired with this many nearest classes (default: %(default)s)")
+    g.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="--differential: find the confusable classes by a first pass over these images (files, "
+                        "folders, lists) instead: every pair within an image's --neighbours + 1 likeliest classes")
+    g.add_argument("--backbone", default=None, help="--differential: the model whose text features find the "
+                                                    "confusable classes (default: openai/clip-vit-base-patch16)")
+    add_flags(p, Context, only=["cache_dir", "progress"])
 
 
 def _describe(args: argparse.Namespace) -> None:
@@ -268,15 +286,56 @@ def _describe(args: argparse.Namespace) -> None:
         raise ProtextError("--samples and --concurrency must be at least 1")
     _writable(args.output, "--output")
     usage = Usage()
-    if args.local_model:
-        generate = LocalGenerator(args.local_model, args.max_tokens, usage)
-    else:
-        generate = chat_client(args.base_url, args.model, args.api_key, temperature=args.temperature,
-                               max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
-                               usage=usage)
-    report = describe(read_class_list(args.classes), args.dataset_kind, args.output, generate, samples=args.samples,
-                      concurrency=args.concurrency, max_chars=args.max_chars, ctx=_context(args))
+
+    def generator(max_tokens: int):
+        if args.local_model:
+            return LocalGenerator(args.local_model, max_tokens, usage)
+        return chat_client(args.base_url, args.model, args.api_key, temperature=args.temperature, max_tokens=max_tokens,
+                           timeout=args.timeout, max_retries=args.max_retries, usage=usage)
+
+    # a list of differences or of questions is longer than one description
+    generate = generator(max(args.max_tokens, 300) if args.differential else args.max_tokens)
+    ctx, classes = _context(args), read_class_list(args.classes)
+    if args.differential:
+        from .backbone import DEFAULT_BACKBONE, load_backbone
+        from .feature_cache import encode_texts
+        from .fudd import first_pass_text
+        from .training.describe import confusable_pairs, describe_differential
+
+        backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, progress=args.progress)
+        first = encode_texts(backbone, [first_pass_text(c) for c in classes], ctx)
+        if args.images:
+            from .classifier import ProTextClassifier
+            from .engine import collect
+            from .training.describe import pairs_in_top
+
+            sample, _, unreadable = ProTextClassifier.from_weights(backbone, classes, first).image_features(
+                collect(args.images))
+            for name, reason in unreadable:
+                print(f"warning: {name}: {reason} (left out of the first pass)", file=sys.stderr)
+            if not len(sample):
+                raise ProtextError("--images: no readable image to find the confusable classes with")
+            pairs = pairs_in_top(sample @ first.T, classes, args.neighbours + 1)
+        else:
+            pairs = confusable_pairs(first, classes, args.neighbours)
+        report = describe_differential(pairs, args.output, generate, args.concurrency, args.max_chars, ctx)
+        report["usage"] = usage.as_dict()
+        print(to_json(report))
+        if report["failed"]:
+            raise ProtextError(f"{len(report['failed'])} pairs got no differences (left out of {args.output}); rerun "
+                               f"the same command to ask for them")
+        return
+    questions = None
+    if args.meta_prompt:
+        from .training.describe import meta_templates
+
+        questions = meta_templates(args.meta_prompt, generator(max(args.max_tokens, 40 * args.templates)),
+                                   args.output.with_name(args.output.stem + ".templates.json"), args.templates)
+    report = describe(classes, args.dataset_kind, args.output, generate, samples=args.samples,
+                      concurrency=args.concurrency, max_chars=args.max_chars, ctx=ctx, questions=questions)
     report["usage"] = usage.as_dict()
+    if questions is not None:
+        report["templates"] = len(questions)
     print(to_json(report))
     if report["failed"]:
         raise ProtextError(f"{len(report['failed'])} classes got no descriptions (kept out of {args.output}; answers "
@@ -353,6 +412,9 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--classes", required=True, help=CLASSES_HELP)
     p.add_argument("--top-k", type=int, default=3, help="labels printed per image (default: %(default)s)")
+    p.add_argument("--explain", type=int, nargs="?", const=3, default=0, metavar="K",
+                   help="also print the K (default 3) descriptions that weighed most for each label (heads built "
+                        "from texts: cupl, dclip, awt, fudd, clip80, waffle)")
     _add_activation(p)
     _add_max_pixels(p)
     _add_classifier(p)
@@ -365,11 +427,18 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.top_k < 1:
         raise ProtextError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.explain < 0:
+        raise ProtextError(f"--explain must be at least 1, got {args.explain}")
     clf = _classifier(args, read_class_list(args.classes))
-    pred = clf.predict(args.images, activation=args.activation, max_pixels=args.max_pixels)
-    for name, top in zip(pred.inputs, pred.top(args.top_k)):
-        print(to_json({"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top],
-                       "head": clf.head, "activation": pred.activation}, indent=None))
+    if args.explain:
+        clf.check_explains()  # before any image is read
+    pred = clf.predict(args.images, activation=args.activation, max_pixels=args.max_pixels, explain=args.explain)
+    for i, (name, top) in enumerate(zip(pred.inputs, pred.top(args.top_k))):
+        line = {"image": name, "label": top[0][0], "top": [[c, round(p, 4)] for c, p in top], "head": clf.head,
+                "activation": pred.activation}
+        if pred.explanations is not None:
+            line["explain"] = [[t, v] for t, v in pred.explanations[i]]
+        print(to_json(line, indent=None))
     for name, reason in pred.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     if not pred.inputs:
@@ -521,6 +590,10 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=3, help="labels and probabilities per image (default: %(default)s)")
     p.add_argument("--min-prob", type=float, default=None,
                    help="below this top probability the label is 'unknown' (the top-k columns keep the real labels)")
+    p.add_argument("--transductive", action="store_true",
+                   help="refine the head's predictions over the whole collection with TransCLIP's procedure (the "
+                        "images' features first go to <output>.features/, resumable; or give --features DIR); rows "
+                        "say transductive: true")
     _add_activation(p)
     _add_job(p, 512, "classify")
     _add_classifier(p)
@@ -539,6 +612,9 @@ def _label(args: argparse.Namespace) -> None:
     classes = read_class_list(args.classes) if args.classes else hub.classes
     ctx = _context(args)
     common = {"top_k": args.top_k, "min_prob": args.min_prob, "activation": args.activation, "ctx": ctx}
+    if args.transductive:
+        _label_transductive(args, classes, hub, ctx)
+        return
     if args.features is not None:
         if args.paths or args.engine != "local":
             raise ProtextError("--features labels stored features: give no image PATHs and no --engine ray")
@@ -566,6 +642,41 @@ def _label(args: argparse.Namespace) -> None:
     _print_report(report)
 
 
+def _label_transductive(args: argparse.Namespace, classes: list[str], hub, ctx: Context) -> None:
+    """`label --transductive`: features of every image first (kept in <output>.features/ until the end,
+    so a killed run resumes there), then the refinement over them all."""
+    import shutil
+
+    from .feature_folder import open_features, write_features
+    from .label import label_transductive
+
+    if args.activation != "softmax":
+        raise ProtextError("--transductive gives soft labels over the label set: use --activation softmax")
+    if args.engine != "local":
+        raise ProtextError("--transductive runs on one machine: make the features with 'protext features ... "
+                           "--engine ray', then run 'protext label --features DIR --transductive'")
+    made = None
+    if args.features is not None:
+        if args.paths:
+            raise ProtextError("--features labels stored features: give no image PATHs")
+        stored = open_features(args.features)
+        if args.backbone is None:
+            args.backbone, args.revision = stored.info["backbone"], stored.info["revision"]
+        folder, clf = args.features, _classifier(args, classes)
+    else:
+        if hub is None and not args.paths:
+            raise ProtextError("give the images to label (PATH ...), --dataset hf:..., or --features DIR")
+        clf = _classifier(args, classes)
+        items = [hub.image(i) for i in range(len(hub))] if hub is not None else _collect(args.paths)
+        made = folder = args.output.with_name(args.output.name + ".features")
+        write_features(clf.backbone, items, folder, batch_size=args.batch_size, workers=args.workers,
+                       part_size=args.part_size, ctx=ctx, max_pixels=args.max_pixels)
+    report = label_transductive(clf, folder, args.output, top_k=args.top_k, min_prob=args.min_prob, ctx=ctx)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    _print_report(report)
+
+
 def _hub_inputs(args: argparse.Namespace):
     """The Hugging Face dataset `--dataset hf:...` names as the images to read (then no PATHs), or None;
     `--dataset` becomes its short name, which picks the templates."""
@@ -588,7 +699,7 @@ def _features_flags(p: argparse.ArgumentParser) -> None:
                         "of PATHs")
     p.add_argument("--out", required=True, help="local folder to write the parts into")
     _add_job(p, 1024, "run the image tower")
-    _add_backbone(p, with_prompts=False)
+    _add_backbone(p, with_prompts=False, precision=True)
     _add_context(p)
 
 
@@ -608,9 +719,9 @@ def _features(args: argparse.Namespace) -> None:
         from .distributed import features_on_ray
 
         job = _ray_job(args)
-        report = features_on_ray(_backbone(args), paths, args.out, ctx=ctx, **job)
+        report = features_on_ray(_backbone(args, args.precision), paths, args.out, ctx=ctx, **job)
     else:
-        report = write_features(_backbone(args), paths, args.out, args.batch_size, args.workers, args.part_size, ctx,
+        report = write_features(_backbone(args, args.precision), paths, args.out, args.batch_size, args.workers, args.part_size, ctx,
                                 args.max_pixels)
     _print_report(report)
 
@@ -624,7 +735,11 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
                    help="--onnx: images or folders to check the ONNX model on (default: seeded random images)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="--onnx: largest difference of logits allowed between ONNX and PyTorch (default: %(default)s)")
-    _add_classifier(p)
+    p.add_argument("--int8", action="store_true",
+                   help="--onnx: quantize the model's matrix products to int8 (onnxruntime's dynamic quantization; "
+                        "a quarter of the size, faster on CPUs); checked against fp32 PyTorch by the cosine of each "
+                        "image's logits (at least 0.99) instead of --tolerance")
+    _add_classifier(p, skip=("precision",))  # the ONNX model is made from the fp32 tower; --int8 quantizes it
     _add_context(p)
 
 
@@ -636,8 +751,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise ProtextError(f"--out {args.out} is a file; --out names the folder the export is written into")
     _writable(args.out, "--out", folder=True)
+    if args.int8 and not args.onnx:
+        raise ProtextError("--int8 quantizes the ONNX model: give --onnx too")
     meta = export(_classifier(args, read_class_list(args.classes)), args.out, args.onnx, args.check_images,
-                  args.tolerance)
+                  args.tolerance, int8=args.int8)
     check = meta.get("onnx", {}).get("check")
     print(to_json({"out": str(args.out), "files": sorted(meta["files"]) + [JSON_FILE], "labels": len(meta["labels"]),
                    "head": meta["head"], "onnx_check": check}))

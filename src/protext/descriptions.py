@@ -72,11 +72,12 @@ def _line_of_repeat(text: str, key: str) -> str:
 
 
 def parse_descriptions(raw: object, where: str, item: str = "description",
-                       skip: Set[str] = frozenset()) -> dict[str, list[str]]:
+                       skip: Set[str] = frozenset(), keep_blank: bool = False) -> dict[str, list[str]]:
     """Validate a decoded JSON object; returns normalised names -> stripped sentences.
 
     `item` names what the lists hold in messages ("description", or "descriptor" for DCLIP
-    files); keys in `skip` are left out unchecked."""
+    files); keys in `skip` are left out unchecked. Blank sentences are dropped, or with
+    `keep_blank` kept as "" in their place (AWT takes a class's first 50 entries, blanks included)."""
     if not isinstance(raw, Mapping):
         raise ProtextError(f"{where}: expected a JSON object {{class name: [{item}s]}}, got {type(raw).__name__}")
     out: dict[str, list[str]] = {}
@@ -97,9 +98,9 @@ def parse_descriptions(raw: object, where: str, item: str = "description",
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
                 raise ProtextError(f"{where}: key {key!r}, item {i}: expected a string, got {type(s).__name__}")
-            if s.strip():
+            if s.strip() or keep_blank:
                 clean.append(s.strip())
-        if not clean:
+        if not any(clean):
             raise ProtextError(f"{where}: key {key!r}: every {item} is blank")
         out[name] = clean
         original[name] = str(key)
@@ -109,9 +110,9 @@ def parse_descriptions(raw: object, where: str, item: str = "description",
 
 
 def load_descriptions(path: str | Path, classes: Sequence[str] | None = None, item: str = "description",
-                      skip: Set[str] = frozenset()) -> dict[str, list[str]]:
+                      skip: Set[str] = frozenset(), keep_blank: bool = False) -> dict[str, list[str]]:
     """Read a description file; with `classes`, keep those (in that order) and fail on any missing."""
-    data = parse_descriptions(read_json(path, f"{item} file"), str(path), item, skip)
+    data = parse_descriptions(read_json(path, f"{item} file"), str(path), item, skip, keep_blank)
     return select_classes(data, classes, str(path)) if classes is not None else data
 
 
@@ -162,6 +163,24 @@ def _class_file(path: Path) -> list[str]:
     if blank:
         raise ProtextError(f"{path}: item {blank[0]} of the list is a blank class name")
     return [n.strip() for n in names]
+
+
+def load_differential(path: str | Path) -> dict[str, dict[str, list[str]]]:
+    """Differential descriptions (`describe --differential`): `{class: {other class: [caption, ...]}}`,
+    checked, with the file and the keys named in every error."""
+    raw = read_json(path, "differential description file")
+    if not isinstance(raw, Mapping) or not raw:
+        raise ProtextError(f"{path}: expected a JSON object {{class: {{other class: [captions]}}}}")
+    out: dict[str, dict[str, list[str]]] = {}
+    for a, others in raw.items():
+        if not isinstance(others, Mapping):
+            raise ProtextError(f"{path}: key {a!r}: expected an object {{other class: [captions]}}")
+        for b, captions in others.items():
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
+                                                                          for c in captions):
+                raise ProtextError(f"{path}: {a!r} / {b!r}: expected a list of captions (non-empty strings)")
+            out.setdefault(normalize_name(a), {})[normalize_name(b)] = [c.strip() for c in captions]
+    return out
 
 
 def pairs(data: Mapping[str, Iterable[str]]) -> tuple[list[str], list[str], list[int], list[int]]:

@@ -31,12 +31,18 @@ from .backbone import Backbone, load_backbone
 from .cache import to_json
 from .classifier import ProTextClassifier
 from .context import Context
-from .engine import JobReport, spans
+from .engine import JobReport, default_batch_size, spans
 from .errors import ProtextError
 from .feature_folder import open_folder, part_bytes, summarise
 from .images import MAX_PIXELS, UnreadableImage, is_uri, load_pixels
 from .label import finish, row, start
 from .parts import PartFolder, jsonl
+
+
+def _single_view(clf: ProTextClassifier) -> None:
+    if clf.views:
+        raise ProtextError(f"head '{clf.head}' scores augmented views of each image, which --engine ray does not "
+                           f"make; run it on the local engine")
 
 
 def _paths_only(paths: Sequence) -> None:
@@ -77,9 +83,9 @@ def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float], max_p
 class TowerActor:
     """A Ray Data actor holding the image tower, loaded once per actor (on its GPU when it has one)."""
 
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backbone = load_backbone(backbone, revision, device)
+    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str = "fp32"):
+        device = "cpu" if precision == "int8" or not torch.cuda.is_available() else "cuda"  # int8: CPU kernels
+        self.backbone = load_backbone(backbone, revision, device, precision=precision)
         if self.backbone.image is None or self.backbone.image.fingerprint() != fingerprint:
             raise ProtextError(f"backbone '{backbone}' on this worker has other image weights than on the driver")
 
@@ -96,9 +102,9 @@ class TowerActor:
 class Classify(TowerActor):
     """Scores decoded images against the class embeddings; one JSON row per image."""
 
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str, classes: list[str],
+    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str, classes: list[str],
                  weights: torch.Tensor, head: str, activation: str, top_k: int, min_prob: float | None):
-        TowerActor.__init__(self, backbone, revision, fingerprint)  # named: a subclass Ray ships by value still finds it
+        TowerActor.__init__(self, backbone, revision, fingerprint, precision)  # named: a subclass Ray ships by value still finds it
         self.clf = ProTextClassifier.from_weights(self.backbone, classes, weights, head)
         self.activation, self.top_k, self.min_prob = activation, top_k, min_prob
 
@@ -114,8 +120,8 @@ class Classify(TowerActor):
 class Embed(TowerActor):
     """The decoded images' features (zeros where unreadable, the reason in `error`)."""
 
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str, dim: int):
-        TowerActor.__init__(self, backbone, revision, fingerprint)  # named: a subclass Ray ships by value still finds it
+    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str, dim: int):
+        TowerActor.__init__(self, backbone, revision, fingerprint, precision)  # named: a subclass Ray ships by value still finds it
         self.dim = dim
 
     def __call__(self, batch: dict) -> dict:
@@ -128,15 +134,17 @@ class Embed(TowerActor):
 
 
 def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor: type, actor_args: tuple, save, *,
-         address: str | None, workers: int, num_gpus_per_worker: float, batch_size: int, runtime_env: dict | None,
+         address: str | None, workers: int, num_gpus_per_worker: float, batch_size: int | None,
+         runtime_env: dict | None,
          desc: str, ctx: Context, max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
     """The parts `folder` lacks: decode their images in Ray tasks, run `actor` on them in a pool of
     `workers` actors, and call `save(part, records)` on the driver as soon as all of a part's
     records are back, in input order (each record: the actor's columns). Returns (images
-    processed, reused, seconds).
+    processed, reused, seconds). `batch_size` None: `engine.default_batch_size` for the workers' device.
 
     Workers read each image from its absolute path (a relative one would be resolved in the
     worker's own folder), while `path` keeps the spelling the user gave, for the output."""
+    batch_size = default_batch_size(batch_size, "cuda" if num_gpus_per_worker > 0 else "cpu")
     layout = spans(len(names), part_size)
     todo = folder.missing(range(len(layout)))
     processed = sum(len(layout[p]) for p in todo)
@@ -176,7 +184,7 @@ def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor:
 
 def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
                  min_prob: float | None = None, activation: str = "softmax", address: str | None = None,
-                 workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int = 32, part_size: int = 512,
+                 workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int | None = None, part_size: int = 512,
                  ctx: Context = Context(), runtime_env: dict | None = None, max_pixels: int = MAX_PIXELS) -> JobReport:
     """Label `paths` on a Ray cluster (`address`: "auto", "ray://host:port", or None for a local
     instance) into `output`, resuming from the parts an earlier run (on either engine) wrote.
@@ -184,11 +192,13 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
     Ray's, for the actors (packages or environment variables the cluster's machines need)."""
     ray_module()
     _paths_only(paths)
+    _single_view(clf)
     output = Path(output)
     fmt, names, folder = start(clf, paths, output, top_k, min_prob, activation, part_size,
                                {"--workers": workers, "--batch-size": batch_size})
     tower = clf.backbone.image
-    args = (clf.backbone.name, clf.backbone.revision, tower.fingerprint(), clf.classes, clf.weights, clf.head,
+    args = (clf.backbone.name, clf.backbone.revision, tower.fingerprint(), tower.precision, clf.classes, clf.weights,
+            clf.head,
             activation, top_k, min_prob)
 
     def save(part: int, records: list[dict]) -> None:
@@ -205,7 +215,7 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Pa
 
 def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, part_size: int = 1024,
                     address: str | None = None, workers: int = 2, num_gpus_per_worker: float = 0,
-                    batch_size: int = 32, ctx: Context = Context(), runtime_env: dict | None = None,
+                    batch_size: int | None = None, ctx: Context = Context(), runtime_env: dict | None = None,
                     max_pixels: int = MAX_PIXELS) -> JobReport:
     """`feature_folder.write_features` on a Ray cluster: the same parts (one per `part_size` inputs),
     resumed the same way; the other arguments as in `label_on_ray`."""
@@ -222,7 +232,8 @@ def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | 
 
     tower = backbone.image
     processed, reused, seconds = _run(names, folder, part_size, tower, Embed,
-                                      (backbone.name, backbone.revision, tower.fingerprint(), dim), save,
+                                      (backbone.name, backbone.revision, tower.fingerprint(), tower.precision, dim),
+                                      save,
                                       address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
                                       batch_size=batch_size, runtime_env=runtime_env, desc="image features (ray)",
                                       ctx=ctx, max_pixels=max_pixels)

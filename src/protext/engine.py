@@ -144,20 +144,41 @@ def default_workers(workers: int | None) -> int:
     return workers or min(8, os.cpu_count() or 1)
 
 
-def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_size: int = 32,
+CPU_BATCH, GPU_BATCH = 32, 256
+
+
+def default_batch_size(batch_size: int | None, device: torch.device | str) -> int:
+    """Images per forward pass: as given, else 32 on the CPU (larger batches gain nothing there and
+    hold more memory) and 256 on a GPU (a ViT-B/16 needs that many to fill one)."""
+    return batch_size or (GPU_BATCH if torch.device(device).type == "cuda" else CPU_BATCH)
+
+
+def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_size: int | None = None,
         workers: int | None = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS) -> Iterator[Part]:
-    """A `Part` per (index, items) span, in order; see the module's docstring."""
+        progress: Callable[[int], None] | None = None, max_pixels: int = MAX_PIXELS,
+        augment: tuple[int, int] | None = None) -> Iterator[Part]:
+    """A `Part` per (index, items) span, in order; see the module's docstring. With `augment`, (views,
+    seed), each image is also seen in that many augmented views (`images.views`, for AWT): features
+    are then (n, 1 + views, dim), and a batch holds `batch_size` tower inputs, views counted.
+
+    On a GPU, each batch goes from pinned memory with a non-blocking copy, so the next batch's
+    decoding (in the threads) and its copy overlap the forward pass."""
     tower = backbone.image
     if tower is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower; images need a CLIP or SigLIP")
+    device = tower.device
+    cuda = device.type == "cuda"
+    batch_size = default_batch_size(batch_size, device)
     workers = default_workers(workers)
     dim = backbone.text.feature_dim
+    shape = (dim,) if augment is None else (1 + augment[0], dim)
+    if augment is not None:
+        batch_size = max(1, batch_size // (1 + augment[0]))
 
     def keyed() -> Iterator[tuple[tuple[Part, int], Item]]:
         for index, items in spans:
             items = list(items)
-            part = Part(index, items, torch.zeros(len(items), dim), [None] * len(items))
+            part = Part(index, items, torch.zeros(len(items), *shape), [None] * len(items))
             if not items:
                 yield (part, -1), None  # an empty span still comes out as a part
             for j, item in enumerate(items):
@@ -166,7 +187,10 @@ def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_s
     batch: list[tuple[int, torch.Tensor]] = []
 
     def flush(part: Part) -> None:
-        feats = tower(torch.stack([p for _, p in batch]).to(backbone.device)).float().cpu()
+        pixels = torch.stack([p for _, p in batch])
+        pixels = pixels.flatten(0, 1) if augment else pixels
+        feats = tower(pixels.pin_memory().to(device, non_blocking=True) if cuda else pixels.to(device))
+        feats = feats.float().cpu().view(len(batch), *shape)
         rows = [j for j, _ in batch]
         part.features[rows] = feats
         if head is not None:
@@ -177,7 +201,7 @@ def run(backbone: Backbone, spans: Iterable[tuple[int, Sequence[Item]]], batch_s
         batch.clear()
 
     for (part, j), result in decode_ahead(keyed(), tower.image_size, tower.mean, tower.std, workers,
-                                          window=2 * batch_size + workers, max_pixels=max_pixels):
+                                          window=2 * batch_size + workers, max_pixels=max_pixels, augment=augment):
         if j >= 0:
             if isinstance(result, str):
                 part.errors[j] = result
@@ -234,9 +258,10 @@ def check_counts(counts: dict[str, int | None]) -> None:
 
 def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_size: int,
             encode: Callable[[Part, list[str]], bytes], *, items: Sequence[Item] | None = None,
-            batch_size: int = 32, workers: int | None = None,
+            batch_size: int | None = None, workers: int | None = None,
             head: Callable[[torch.Tensor], torch.Tensor] | None = None, ctx: Context = Context(),
-            desc: str = "images", max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
+            desc: str = "images", max_pixels: int = MAX_PIXELS,
+            augment: tuple[int, int] | None = None) -> tuple[int, int, float]:
     """Compute the parts `folder` lacks and save each with `encode(part, its names)`; returns
     (images processed, images reused, seconds). `items` are what is decoded (default: the names,
     as paths or URIs; a dataset's rows otherwise)."""
@@ -247,7 +272,7 @@ def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_s
     started = time.perf_counter()
     with ctx.bar(processed, desc, "img", show=processed > 0) as bar:
         for part in run(backbone, ((i, [items[k] for k in r]) for i, r in work), batch_size, workers, head,
-                        bar.update, max_pixels):
+                        bar.update, max_pixels, augment):
             names_here = [names[k] for k in layout[part.index]]
             folder.write(part.index, encode(part, names_here), len(names_here), part.unreadable)
     return processed, len(names) - processed, time.perf_counter() - started

@@ -13,7 +13,11 @@
 - with `onnx=True`, `classifier.onnx`: one model from preprocessed pixels (N, 3, H, W) to
   logits (N, classes), the image tower and the head together. It is checked against the
   PyTorch classifier with onnxruntime before it is written, on the images given (else on
-  seeded random pixels), and the largest difference is recorded in the JSON.
+  seeded random pixels), and the largest difference is recorded in the JSON. With `int8=True`
+  its matrix products are quantized by onnxruntime's dynamic quantization (int8 weights,
+  activations quantized per batch); int8 cannot meet an fp32 tolerance, so it is checked by
+  the cosine of each image's logits with fp32 PyTorch's (at least `INT8_MIN_COSINE`), and
+  that cosine, the largest difference and the top-1 agreement are recorded.
 
 Each file is written atomically and the JSON last, so a folder whose JSON names other
 digests than its files hold was interrupted.
@@ -44,6 +48,7 @@ JSON_FILE = "classifier.json"
 ONNX_FILE = "classifier.onnx"
 FORMAT_VERSION = 1
 INPUT, OUTPUT = "pixel_values", "logits"
+INT8_MIN_COSINE = 0.99
 
 
 class PixelsToLogits(nn.Module):
@@ -127,33 +132,78 @@ def onnx_model(module: PixelsToLogits, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def check_onnx(model: bytes, clf: ProTextClassifier, pixels: torch.Tensor, tolerance: float) -> dict:
-    """Run the ONNX model with onnxruntime (CPU) on `pixels`, one at a time and all together, against
-    the classifier's own logits."""
+def onnxruntime_module():
+    """onnxruntime, or an error that says how to install it."""
     try:
         import onnxruntime
     except ImportError as e:
         raise ProtextError(f"--onnx needs onnxruntime to check the model ({e}): pip install -e '.[export]' "
                            f"(protext's 'export' extra)") from e
+    return onnxruntime
+
+
+def quantize_onnx(model: bytes) -> bytes:
+    """`model` with its matrix products in int8: onnxruntime's dynamic quantization (weights int8 per
+    channel, activations uint8 quantized per batch, reduced range so AVX2 CPUs without VNNI cannot
+    saturate)."""
+    import tempfile
+
+    onnxruntime_module()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(model)
+        try:
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        except Exception as e:  # onnxruntime's quantizer raises many classes; say that this step failed
+            raise ProtextError(f"onnxruntime could not quantize the ONNX model ({e.__class__.__name__}: {e})") from e
+        return target.read_bytes()
+
+
+def check_onnx(model: bytes, clf: ProTextClassifier, pixels: torch.Tensor, tolerance: float,
+               int8: bool = False) -> dict:
+    """Run the ONNX model with onnxruntime (CPU) on `pixels`, one at a time and all together, against
+    the classifier's own logits: within `tolerance`, or for an int8 model each image's logits at a
+    cosine of at least `INT8_MIN_COSINE` from them."""
+    onnxruntime = onnxruntime_module()
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     want = clf.logits(clf.backbone.image(pixels.to(clf.backbone.device)).cpu())
     together = torch.from_numpy(session.run([OUTPUT], {INPUT: pixels.numpy()})[0])
     alone = torch.cat([torch.from_numpy(session.run([OUTPUT], {INPUT: p[None].numpy()})[0]) for p in pixels])
     diff = max(float((together - want).abs().max()), float((alone - want).abs().max()))
+    found = {"max_abs_diff": diff, "runtime": f"onnxruntime {onnxruntime.__version__}",
+             "provider": "CPUExecutionProvider", "batch_sizes": [1, len(pixels)]}
+    if int8:
+        cosine = min(float(torch.nn.functional.cosine_similarity(got, want, dim=1).min()) for got in (together, alone))
+        agree = float((together.argmax(1) == want.argmax(1)).float().mean())
+        if cosine < INT8_MIN_COSINE:
+            raise ProtextError(f"the int8 ONNX model's logits reach a cosine of only {cosine:.4f} with fp32 PyTorch's "
+                               f"(at least {INT8_MIN_COSINE} needed); nothing was written")
+        return {**found, "precision": "int8", "min_cosine": cosine, "min_cosine_needed": INT8_MIN_COSINE,
+                "top1_agreement": agree}
     if diff > tolerance:
         raise ProtextError(f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e}, more than "
                            f"--tolerance {tolerance:g}; nothing was written")
-    return {"max_abs_diff": diff, "tolerance": tolerance, "runtime": f"onnxruntime {onnxruntime.__version__}",
-            "provider": "CPUExecutionProvider", "batch_sizes": [1, len(pixels)]}
+    return {**found, "tolerance": tolerance}
 
 
 def export(clf: ProTextClassifier, out: Path, onnx: bool = False, check_images: Sequence[str | Path] = (),
-           tolerance: float = 1e-4) -> dict:
-    """Write the classifier's files to `out`; returns what `classifier.json` says."""
+           tolerance: float = 1e-4, int8: bool = False) -> dict:
+    """Write the classifier's files to `out`; returns what `classifier.json` says. `int8` quantizes the
+    ONNX model (see the module's docstring)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ProtextError(f"--out {out} is a file; --out names the folder the export is written into")
+    if clf.views or clf.weights.dim() != 2:
+        raise ProtextError(f"head '{clf.head}' scores augmented views by its own rule; it has no class-embedding "
+                           f"matrix to export (export a cosine head such as protext or cupl)")
     backbone, tower = clf.backbone, clf.backbone.image
+    if int8 and not onnx:
+        raise ProtextError("int8 quantizes the ONNX model: export with onnx=True (--onnx) too")
+    if tower.precision != "fp32":
+        raise ProtextError(f"this classifier's image tower runs in {tower.precision}; export from the fp32 tower "
+                           f"(the ONNX model can be made int8 with --int8)")
     weights = clf.weights.detach().float().cpu().contiguous()
     tensors = {"class_embeddings": weights, "logit_scale": torch.tensor(backbone.logit_scale, dtype=torch.float32)}
     if backbone.logit_bias is not None:
@@ -171,8 +221,10 @@ def export(clf: ProTextClassifier, out: Path, onnx: bool = False, check_images: 
         pixels, what = check_pixels(clf, check_images)
         example = pixels[:1].repeat(2, *[1] * (pixels.dim() - 1)).to(backbone.device)  # 2: the batch stays dynamic
         onnx_bytes = onnx_model(PixelsToLogits(clf), example)
-        meta["onnx"] = {"file": ONNX_FILE, "input": INPUT, "output": OUTPUT,
-                        "check": {"on": what, **check_onnx(onnx_bytes, clf, pixels, tolerance)}}
+        if int8:
+            onnx_bytes = quantize_onnx(onnx_bytes)
+        meta["onnx"] = {"file": ONNX_FILE, "input": INPUT, "output": OUTPUT, "precision": "int8" if int8 else "fp32",
+                        "check": {"on": what, **check_onnx(onnx_bytes, clf, pixels, tolerance, int8)}}
     atomic_save_tensors(out / EMBEDDINGS_FILE, tensors,
                         {"format": "protext-classifier", "labels": str(len(clf.classes))})
     meta["files"][EMBEDDINGS_FILE] = file_sha256(out / EMBEDDINGS_FILE)

@@ -6,8 +6,8 @@ label sets (`protext label --features DIR`), search them, or load them elsewhere
 
 The folder (`--out`) is a `parts.PartFolder` of Parquet parts, one row per input: `path`
 (string), `feature` (L2-normalised float32, fixed size; null when unreadable) and `error` (the
-reason, else null); `_settings.json` (backbone, image-tower fingerprint, part size, the path
-list's hash) first, `_summary.json` last. Any Parquet reader takes the folder as one table
+reason, else null); `_settings.json` (backbone, image-tower fingerprint, the tower's precision,
+part size, the path list's hash) first, `_summary.json` last. Any Parquet reader takes the folder as one table
 (`pyarrow.parquet.read_table(DIR)`, `pandas.read_parquet(DIR)`, DuckDB's
 `read_parquet('DIR/*.parquet')`, Spark, Ray Data); `read_features` returns it as tensors,
 `open_features` one part at a time. Both engines cut the inputs into the same parts, so their
@@ -69,7 +69,7 @@ def open_folder(backbone: Backbone, names: Sequence[str], out: Path, part_size: 
     if not names:
         raise ProtextError("no images to compute features of")
     job = {"backbone": backbone.name, "revision": backbone.revision, "image_tower": backbone.image.fingerprint(),
-           "dim": backbone.text.feature_dim, "part_size": part_size, "images": len(names),
+           "precision": backbone.image.precision, "dim": backbone.text.feature_dim, "part_size": part_size, "images": len(names),
            "paths_sha1": sha1("\n".join(names))}
     return PartFolder(out, ".parquet", job, restart="or give another --out")
 
@@ -85,7 +85,7 @@ def summarise(folder: PartFolder, images: int, processed: int, reused: int, seco
     return report
 
 
-def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, batch_size: int = 32,
+def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, batch_size: int | None = None,
                    workers: int | None = None, part_size: int = 1024, ctx: Context = Context(),
                    max_pixels: int = MAX_PIXELS) -> JobReport:
     """Image features of every path into the folder `out`, one Parquet part per `part_size` inputs;
@@ -112,8 +112,10 @@ class FeatureParts:
         self.images, self.dim = self.info["images"], self.info["dim"]
 
     def check(self, backbone: Backbone) -> None:
-        """Refuse to use these features with another image tower than the one that made them."""
-        if backbone.image is None or backbone.image.fingerprint() != self.info["image_tower"]:
+        """Refuse to use these features with another image tower than the one that made them (in
+        whatever precision: reading features runs no image tower)."""
+        weights = self.info["image_tower"].split("-")[0]  # the fingerprint without its precision
+        if backbone.image is None or backbone.image.fingerprint().split("-")[0] != weights:
             raise ProtextError(f"the features were made by the image tower of '{self.info['backbone']}' "
                                f"({self.info['image_tower']}); '{backbone.name}' has other image weights: pass "
                                f"--backbone {self.info['backbone']} or compute the features again")

@@ -29,14 +29,19 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .awt import AwtSettings
+from .awt import logits as awt_logits
+from .awt import shares as awt_shares
 from .backbone import Backbone
 from .baselines import characters_of, dclip_sentence, waffle_descriptors, waffle_prefix, word_vocabulary
 from .context import Context
 from .descriptions import normalize_name
 from .errors import ProtextError
 from .feature_cache import encode_texts
+from .fudd import TOP_K, ambiguous_set, first_pass_text, second_pass_texts, symmetric, texts_of
+from .fudd import logits as fudd_logits
 from .model import ProText, prompted_text
-from .templates import IMAGENET_80, clip_template, protext_template
+from .templates import IMAGENET_80, awt_template, clip_template, protext_template
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class HeadInputs:
     dataset: str | None = None
     cross_dataset: bool = False
     template: str | None = None
+    awt: AwtSettings = AwtSettings()
+    differential: Mapping[str, Mapping[str, Sequence[str]]] | None = None
+    fudd_top_k: int = TOP_K
 
     def has(self, need: str | None) -> bool:
         return need is None or getattr(self, need) is not None
@@ -91,6 +99,13 @@ class Head:
     encode: Callable[["Heads", Sequence[str]], torch.Tensor] | None = None
     export: Callable[["Heads", Sequence[str]], dict] | None = None
     default: bool = False  # among the heads run when none is named (the last given one classifies)
+    # A head that scores images itself (not by cosine with one embedding per class): `score(heads,
+    # features, class_texts) -> logits`, on `views(heads)` augmented views of each image besides itself.
+    score: Callable[["Heads", torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor] | None = None
+    views: Callable[["Heads"], int] | None = None
+    # What made one image's label: `explain(heads, features, weights, classes, label) -> [(text, share)]`;
+    # a text head without one is explained by the cosine of each of the class's sentences.
+    explain: Callable[["Heads", torch.Tensor, torch.Tensor, Sequence[str], int], list[tuple[str, float]]] | None = None
 
 
 def _clip_template(heads: "Heads") -> str:
@@ -103,9 +118,9 @@ def _protext_template(heads: "Heads") -> str:
 
 def _dclip(heads: "Heads", classes: Sequence[str], name: str) -> list[str] | None:
     descriptors = heads.descriptors.get(normalize_name(name))
-    dataset = heads.inputs.dataset
-    after = "." if dataset and dataset.startswith("imagenet") else ""  # DCLIP ends its sentences so on ImageNet only
-    return None if descriptors is None else [dclip_sentence(name, d, after=after) for d in descriptors]
+    after = "." if heads.inputs.dataset == "imagenet" else ""  # DCLIP ends its sentences so on ImageNet only, not V2
+    word = name.replace("_", " ")  # DCLIP's words for a class: underscores become spaces
+    return None if descriptors is None else [dclip_sentence(word, d, after=after) for d in descriptors]
 
 
 def _waffle(heads: "Heads", classes: Sequence[str], name: str) -> list[str]:
@@ -115,6 +130,63 @@ def _waffle(heads: "Heads", classes: Sequence[str], name: str) -> list[str]:
 
 def _protext(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:
     return heads.inputs.prompts.encode_classes(classes, _protext_template(heads))
+
+
+def _awt_prompts(heads: "Heads", name: str) -> list[str]:
+    """AWT's texts of a class: "<template>." then "<template>. <description>" for its first descriptions."""
+    base = awt_template(heads.inputs.dataset).format(name.replace("_", " "))
+    described = (heads.awt_descriptions.get(normalize_name(name)) or [])[: heads.inputs.awt.descriptions]
+    return [base + "."] + [f"{base}. {d}" for d in described]
+
+
+def _awt(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:
+    """(classes, prompts, dim): each class's prompt features, zero rows where a class has fewer."""
+    prompts = {c: _awt_prompts(heads, c) for c in classes}
+    flat = [p for c in classes for p in prompts[c]]
+    feats = encode_texts(heads.backbone, flat, heads.ctx, show=len(flat) > 5000)
+    out = torch.zeros(len(classes), max(len(p) for p in prompts.values()), feats.shape[1])
+    start = 0
+    for i, c in enumerate(classes):
+        out[i, : len(prompts[c])] = feats[start : start + len(prompts[c])]
+        start += len(prompts[c])
+    return out
+
+
+def _awt_score(heads: "Heads", features: torch.Tensor, texts: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+    backbone = heads.backbone
+    return awt_logits(features, texts, backbone.logit_scale, backbone.logit_bias, heads.inputs.awt)
+
+
+def _fudd(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:
+    """FuDD's first pass: one capitalised template per class."""
+    return encode_texts(heads.backbone, [first_pass_text(c) for c in classes], heads.ctx, show=False)
+
+
+def _fudd_score(heads: "Heads", features: torch.Tensor, first: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+    key = ("fudd-captions", tuple(classes))
+    if key not in heads._memo:
+        texts = texts_of(heads.differential, classes)
+        heads._memo[key] = dict(zip(texts, encode_texts(heads.backbone, texts, heads.ctx, show=len(texts) > 5000)))
+    backbone = heads.backbone
+    return fudd_logits(features, first, classes, heads.differential, heads._memo[key], backbone.logit_scale,
+                       backbone.logit_bias, heads.inputs.fudd_top_k)
+
+
+def _awt_explain(heads: "Heads", views: torch.Tensor, texts: torch.Tensor, classes: Sequence[str],
+                 label: int) -> list[tuple[str, float]]:
+    """Each of the class's AWT prompts with its share of the transport-weighted logit."""
+    backbone = heads.backbone
+    views = views if views.dim() == 2 else views.unsqueeze(0)
+    shares = awt_shares(views, texts, backbone.logit_scale, backbone.logit_bias, heads.inputs.awt)[label]
+    return list(zip(_awt_prompts(heads, classes[label]), shares.tolist()))
+
+
+def _fudd_explain(heads: "Heads", image: torch.Tensor, first: torch.Tensor, classes: Sequence[str],
+                  label: int) -> list[tuple[str, float]]:
+    """The class's second-pass captions (against the image's other ambiguous classes), each with its cosine."""
+    texts = second_pass_texts(heads.differential, classes, ambiguous_set(image, first, heads.inputs.fudd_top_k), label)
+    feats = encode_texts(heads.backbone, texts, heads.ctx, show=False)
+    return list(zip(texts, (feats @ image).tolist()))
 
 
 def _protext_export(heads: "Heads", classes: Sequence[str]) -> dict:
@@ -142,6 +214,14 @@ HEADS: dict[str, Head] = {h.name: h for h in (
     Head("protext", "ProText", "the learned prompts with \"a photo of a {}.\" (with --cross-dataset, the "
          "dataset's ProText inference template)", needs="prompts", given_by="--prompts DIR", default=True,
          encode=_protext, export=_protext_export),
+    Head("awt", "AWT", "AWT: the image and 50 seeded augmented views against the class's template and first 50 "
+         "descriptions, weighted by prediction entropy and matched by optimal transport", needs="descriptions",
+         given_by="--descriptions FILE or awt:NAME", encode=_awt, score=_awt_score,
+         views=lambda heads: heads.inputs.awt.views, explain=_awt_explain),
+    Head("fudd", "FuDD", "FuDD: the first pass's 10 likeliest classes of each image scored again with LLM "
+         "descriptions of how exactly they differ from each other", needs="differential",
+         given_by="--differential FILE (from describe --differential)", encode=_fudd, score=_fudd_score,
+         explain=_fudd_explain),
 )}
 
 # Combinations the reports add wherever their parts can run.
@@ -197,6 +277,12 @@ def choose_heads(spec: str | None, inputs: HeadInputs) -> list[str]:
     return names
 
 
+def explains(head: str) -> bool:
+    """Whether a head has texts of its own to explain a label with (not protext, not a '+' combination)."""
+    spec = HEADS.get(head.strip())
+    return spec is not None and (spec.explain is not None or spec.sentences is not None)
+
+
 def ensemble(features: torch.Tensor) -> torch.Tensor:
     """One class embedding from several: the renormalised mean of normalised features (CuPL, CLIP-80)."""
     return F.normalize(features.mean(0), dim=-1)
@@ -215,8 +301,11 @@ class Heads:
     fallbacks: dict[tuple, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.descriptions = {normalize_name(k): list(v) for k, v in (self.inputs.descriptions or {}).items()}
+        # AWT takes a class's first entries as they stand, blanks ("") included; the others skip blanks
+        self.awt_descriptions = {normalize_name(k): list(v) for k, v in (self.inputs.descriptions or {}).items()}
+        self.descriptions = {k: [s for s in v if s] for k, v in self.awt_descriptions.items()}
         self.descriptors = {normalize_name(k): list(v) for k, v in (self.inputs.descriptors or {}).items()}
+        self.differential = symmetric(self.inputs.differential or {})
         self._memo: dict[tuple, torch.Tensor] = {}
         self._waffle_memo: dict[tuple, list[str]] = {}
 
@@ -265,11 +354,54 @@ class Heads:
                              f"{HEADS[head].fallback} head instead: {shown}")
         return notes
 
+    def views(self, head: str) -> int:
+        """Augmented views of each image (besides itself) the head scores; 0 for the cosine heads."""
+        spec = HEADS.get(head.strip())
+        return spec.views(self) if spec is not None and spec.views is not None else 0
+
+    def logits(self, head: str, features: torch.Tensor, weights: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+        """Image-text logits of `features` ((N, d), or (N, 1 + views, d) for a head with views) against
+        the head's class embeddings: scale · cosine plus SigLIP's bias, or the head's own rule."""
+        spec, backbone = HEADS.get(head.strip()), self.backbone
+        if spec is not None and spec.score is not None:
+            if spec.views is not None and features.dim() == 2:
+                features = features.unsqueeze(1)
+            return spec.score(self, features, weights, classes)
+        logits = backbone.logit_scale * features @ weights.T
+        return logits if backbone.logit_bias is None else logits + backbone.logit_bias
+
+    def explains(self, head: str) -> bool:
+        return explains(head)
+
+    def explain(self, head: str, features: torch.Tensor, weights: torch.Tensor, classes: Sequence[str],
+                labels: Sequence[int], k: int = 3) -> list[list[tuple[str, float]]] | None:
+        """For each image (`features` as for `logits`), the `k` texts of its label (`labels`, class
+        indices) that weighed most: a sentence head's sentences by cosine with the image (DCLIP's
+        explanation), AWT's prompts by their share of the logit, FuDD's captions by cosine. None for
+        a head without texts of its own (protext, a '+' combination); [] for a class that fell back."""
+        if not self.explains(head):
+            return None
+        spec, out = HEADS[head.strip()], []
+        for image, label in zip(features, labels):
+            if spec.explain is not None:
+                found = spec.explain(self, image, weights, classes, label)
+            else:
+                texts = list(spec.sentences(self, classes, classes[label]) or [])
+                image = image if image.dim() == 1 else image[0]
+                scores = encode_texts(self.backbone, texts, self.ctx, show=False) @ image if texts else torch.empty(0)
+                found = list(zip(texts, scores.tolist()))
+            found.sort(key=lambda pair: -pair[1])
+            out.append([(t, round(float(v), 4)) for t, v in found[:k]])
+        return out
+
     def get(self, head: str, classes: Sequence[str]) -> torch.Tensor:
         key = (head, tuple(classes))
         if key not in self._memo:
             parts = head_names(head)
             if len(parts) > 1:
+                scored = [p for p in parts if HEADS[p].score is not None]
+                if scored:
+                    raise ProtextError(f"head '{scored[0]}' scores images itself and cannot be joined with '+'")
                 self._memo[key] = F.normalize(sum(self.get(p, classes) for p in parts), dim=-1)
             else:
                 self._memo[key] = self._build(head, list(classes))
@@ -282,6 +414,8 @@ class Heads:
             return [prompted_text(_protext_template(self), "{}", cfg.placeholder)]
         if head in ("clip", "clip80"):
             return [_clip_template(self)] if head == "clip" else list(IMAGENET_80)
+        if head == "awt":
+            return [awt_template(self.inputs.dataset) + "."]
         if head in ("waffle", "dclip"):  # the name comes first; a long descriptor is cut, never the name
             return [waffle_prefix(self.inputs.waffle.concept) + "{},"] if head == "waffle" else ["{},"]
         return []  # cupl: the descriptions, whatever names they hold (classes without any are checked as clip)

@@ -20,6 +20,7 @@ losing every other result.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import os
@@ -148,6 +149,46 @@ def _naflex_patches(image: Image.Image, spec: NaFlex, mean: Sequence[float], std
     return out
 
 
+def views(image: Image.Image, size: Size, mean: Sequence[float], std: Sequence[float], count: int,
+          seed: int = 0) -> torch.Tensor:
+    """The image and `count` augmented views of it, (1 + count, 3, H, W), as AWT makes them: view 0 is
+    the model's own preprocessing; each other view a random resized crop of the raw image (8-100% of its
+    area, aspect ratio 3/4-4/3, resized bilinearly to the input size) flipped left-right half the time.
+    The random numbers come from `seed` and the image's pixels, so the same image always gets the same
+    views, whatever its file is called and wherever it is classified."""
+    if isinstance(size, NaFlex):
+        raise ValueError("augmented views need a fixed input size; SigLIP 2 NaFlex takes any shape")
+    image = to_rgb(image)
+    height, width = (size, size) if isinstance(size, int) else size
+    digest = int.from_bytes(hashlib.sha1(image.tobytes()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, digest])
+    out = [preprocess(image, size, mean, std)]
+    for _ in range(count):
+        left, top, w, h = _random_crop(image.width, image.height, rng)
+        crop = image.crop((left, top, left + w, top + h)).resize((width, height), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(_normalise(np.asarray(crop), mean, std))
+    return torch.stack(out)
+
+
+def _random_crop(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random crop, by the usual random-resized-crop rule: ten tries at
+    an area and an aspect ratio that fit, else the whole image at the nearest allowed ratio."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    aspect = width / height
+    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else (round(height * ratio[1]), height) \
+        if aspect > ratio[1] else (width, height)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
 def is_uri(path: str | Path) -> bool:
     """s3://..., gs://..., file://...: read through pyarrow's filesystems, not as a local path."""
     return isinstance(path, str) and "://" in path
@@ -226,7 +267,7 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[float], std: Sequence[float],
-                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+                max_pixels: int = MAX_PIXELS, augment: tuple[int, int] | None = None) -> torch.Tensor:
     """`preprocess` of a file or PIL image; raises `UnreadableImage` for any failure.
 
     PIL fails in many ways besides OSError: DecompressionBombError for images over twice
@@ -242,26 +283,30 @@ def load_pixels(image: str | Path | Image.Image, size: Size, mean: Sequence[floa
             if image.size[0] * image.size[1] > max_pixels:
                 raise TooManyPixels(f"{image.size[0]} x {image.size[1]} pixels, more than the limit of {max_pixels} "
                                     f"(--max-pixels)")
+        if augment is not None:  # (views, seed): the image and its augmented views (`views`)
+            return views(image, size, mean, std, augment[0], augment[1])
         return preprocess(image, size, mean, std)
     except Exception as e:
         raise UnreadableImage(f"{e.__class__.__name__}: {e}") from e
 
 
 def pixels_of(item: str | Path | Image.Image | torch.Tensor, size: Size, mean: Sequence[float],
-              std: Sequence[float], max_pixels: int = MAX_PIXELS) -> torch.Tensor | str:
+              std: Sequence[float], max_pixels: int = MAX_PIXELS,
+              augment: tuple[int, int] | None = None) -> torch.Tensor | str:
     """The model's input for one item (a file, a URI, a PIL image, or pixels already preprocessed),
     or the reason it is unreadable."""
     if isinstance(item, torch.Tensor):
         return item
     try:
-        return load_pixels(item, size, mean, std, max_pixels)
+        return load_pixels(item, size, mean, std, max_pixels, augment)
     except UnreadableImage as e:
         return str(e)
 
 
 def decode_ahead(items: Iterable[tuple[K, str | Path | Image.Image | torch.Tensor]], size: Size,
                  mean: Sequence[float], std: Sequence[float], workers: int, window: int,
-                 max_pixels: int = MAX_PIXELS) -> Iterator[tuple[K, torch.Tensor | str]]:
+                 max_pixels: int = MAX_PIXELS, augment: tuple[int, int] | None = None
+                 ) -> Iterator[tuple[K, torch.Tensor | str]]:
     """(key, pixels or the reason the image is unreadable) for each (key, item), in order, decoded in
     `workers` threads at most `window` images ahead: decoding overlaps the model (PIL and torch
     release the GIL) and memory stays flat however many items there are, even from a stream."""
@@ -269,14 +314,14 @@ def decode_ahead(items: Iterable[tuple[K, str | Path | Image.Image | torch.Tenso
         pending: deque[tuple[K, Future]] = deque()
         upcoming = iter(items)
         for key, item in upcoming:
-            pending.append((key, pool.submit(pixels_of, item, size, mean, std, max_pixels)))
+            pending.append((key, pool.submit(pixels_of, item, size, mean, std, max_pixels, augment)))
             if len(pending) >= window:
                 break
         while pending:
             key, future = pending.popleft()
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(pixels_of, nxt[1], size, mean, std, max_pixels)))
+                pending.append((nxt[0], pool.submit(pixels_of, nxt[1], size, mean, std, max_pixels, augment)))
             yield key, future.result()
 
 

@@ -35,6 +35,7 @@ from .errors import ProtextError
 from .hub_datasets import HubImage
 from .images import MAX_PIXELS
 from .parts import PartFolder, jsonl
+from .transductive import Arrays, TransductiveSettings, refine
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 UNKNOWN = "unknown"
@@ -56,7 +57,8 @@ def settings(clf: ProTextClassifier, top_k: int, min_prob: float | None, activat
     """What decides the rows; a resumed run must match it exactly."""
     weights = clf.weights.detach().float().cpu().contiguous()
     return {"classes": clf.classes, "head": clf.head, "backbone": clf.backbone.name,
-            "image_tower": clf.backbone.image.fingerprint(), "logit_scale": clf.backbone.logit_scale,
+            "image_tower": clf.backbone.image.fingerprint(), "precision": clf.backbone.image.precision,
+            "logit_scale": clf.backbone.logit_scale,
             "class_embeddings_sha1": hashlib.sha1(weights.numpy().tobytes()).hexdigest(), "activation": activation,
             "top_k": top_k, "min_prob": min_prob}
 
@@ -115,7 +117,7 @@ def open_parts(clf: ProTextClassifier, names: Sequence[str], output: Path, top_k
 
 
 def label(clf: ProTextClassifier, paths: Sequence[str | Path | HubImage], output: Path, top_k: int = 3,
-          min_prob: float | None = None, activation: str = "softmax", batch_size: int = 32,
+          min_prob: float | None = None, activation: str = "softmax", batch_size: int | None = None,
           workers: int | None = None, part_size: int = 512, ctx: Context = Context(),
           max_pixels: int = MAX_PIXELS) -> JobReport:
     """Label every image of `paths` with `clf` into `output` (.jsonl, .csv or .parquet); resumes a killed run.
@@ -133,7 +135,8 @@ def label(clf: ProTextClassifier, paths: Sequence[str | Path | HubImage], output
     processed, reused, seconds = run_job(clf.backbone, names, folder, part_size, encode, items=list(paths),
                                          batch_size=batch_size,
                                          workers=workers, head=lambda f: clf.probabilities(f, activation), ctx=ctx,
-                                         desc="labelling", max_pixels=max_pixels)
+                                         desc="labelling", max_pixels=max_pixels,
+                                         augment=(clf.views, clf.inputs.awt.seed) if clf.views else None)
     return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
                   seconds)
 
@@ -169,6 +172,9 @@ def label_features(clf: ProTextClassifier, features: str | Path, output: Path, t
     output = Path(output)
     fmt = output_format(output)
     check_job(clf, top_k, min_prob, activation, {})
+    if clf.views:
+        raise ProtextError(f"head '{clf.head}' scores augmented views of each image; a feature folder holds one "
+                           f"feature per image: label the images themselves")
     stored = open_features(features)
     stored.check(clf.backbone)
     report = JobReport(output, stored.images, stored.images, 0)
@@ -189,15 +195,81 @@ def label_features(clf: ProTextClassifier, features: str | Path, output: Path, t
     return report
 
 
-def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int) -> None:
-    """The whole output file, atomically, in its format, from rows that come a part at a time."""
+def label_transductive(clf: ProTextClassifier, features: str | Path, output: Path, top_k: int = 3,
+                       min_prob: float | None = None, settings: TransductiveSettings = TransductiveSettings(),
+                       ctx: Context = Context(), store: str | Path | None = None) -> JobReport:
+    """Label a `protext features` folder transductively: the head's predictions for the whole
+    collection refined together with TransCLIP's procedure (`transductive.refine`); each row's
+    probabilities are its refined soft label, and the rows say `transductive: true`.
+
+    The features and the (images, classes) state go to memory-mapped files in `store` (by default
+    `<output>.transductive/` once they pass 1 GiB, removed at the end), so memory stays at a few
+    blocks of rows however large the collection; the cost is the exact neighbour search, N² · d.
+    """
+    import shutil
+
+    from .feature_folder import open_features
+
+    output = Path(output)
+    fmt = output_format(output)
+    check_job(clf, top_k, min_prob, "softmax", {})
+    if clf.views:
+        raise ProtextError(f"head '{clf.head}' scores augmented views of each image; transductive labelling reads "
+                           f"one feature per image: choose another head")
+    stored = open_features(features)
+    stored.check(clf.backbone)
+    readable = sum(e is None for _, _, errors in stored.parts(("path", "error")) for e in errors)
+    classes = len(clf.classes)
+    if store is None and readable * (stored.dim + 5 * classes) * 4 > 2**30:
+        store = output.with_name(output.name + ".transductive")
+    arrays = Arrays(store)
+    report = JobReport(output, stored.images, stored.images, 0)
+    started = time.perf_counter()
+    try:
+        feats = arrays.new("features", readable, stored.dim)
+        probs = arrays.new("predictions", readable, classes)
+        at = 0
+        with ctx.bar(stored.images, "first pass", "img") as bar:
+            for paths, part, errors in stored.parts():
+                good = torch.tensor([e is None for e in errors], dtype=torch.bool)
+                x = torch.nn.functional.normalize(part[good], dim=-1)
+                feats[at: at + len(x)] = x
+                probs[at: at + len(x)] = clf.probabilities(x, "softmax")
+                at += len(x)
+                bar.update(len(paths))
+        z = refine(feats, probs, settings, store, ctx)
+
+        def rows() -> Iterator[list[dict]]:
+            at = 0
+            for paths, _, errors in stored.parts(("path", "error")):
+                out = []
+                for p, e in zip(paths, errors):
+                    r = row(p, None if e else z[at], clf.classes, top_k, min_prob, e)
+                    at += e is None
+                    report.note(p, e)
+                    out.append({**r, "transductive": True})
+                yield out
+
+        write_rows(rows(), output, fmt, top_k, transductive=True)
+    finally:
+        arrays.remove()
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int, transductive: bool = False) -> None:
+    """The whole output file, atomically, in its format, from rows that come a part at a time.
+    Transductive rows carry a `transductive` column (true)."""
     def write(tmp: str) -> None:
         if fmt == ".parquet":
             pa, pq = _pyarrow()
-            with pq.ParquetWriter(tmp, _schema(pa)) as writer:
+            schema = _schema(pa, transductive)
+            with pq.ParquetWriter(tmp, schema) as writer:
                 for rows in parts:
                     if rows:
-                        writer.write_table(pa.Table.from_pylist(rows, schema=_schema(pa)))
+                        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
             return
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if fmt == ".jsonl":
@@ -206,13 +278,13 @@ def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int) 
                 return
             writer = csv.writer(f, lineterminator="\n")
             top_columns = [f"{what}_{j}" for j in range(1, top_k + 1) for what in ("label", "prob")]
-            writer.writerow(["path", "label", "prob", *top_columns, "error"])
+            writer.writerow(["path", "label", "prob", *top_columns, "error", *(["transductive"] * transductive)])
             for rows in parts:
                 for r in rows:
                     top = [v for pair in zip(r["top_labels"], r["top_probs"]) for v in pair]
                     top += [""] * (2 * top_k - len(top))
                     writer.writerow([r["path"], r["label"] or "", "" if r["prob"] is None else r["prob"], *top,
-                                     r["error"] or ""])
+                                     r["error"] or "", *(["true"] * transductive)])
 
     if fmt == ".parquet":
         _pyarrow()  # before the rows are made: says how to install it
@@ -229,7 +301,7 @@ def _pyarrow():
     return pa, pq
 
 
-def _schema(pa):
+def _schema(pa, transductive: bool = False):
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("prob", pa.float64()),
                       ("top_labels", pa.list_(pa.string())), ("top_probs", pa.list_(pa.float64())),
-                      ("error", pa.string())])
+                      ("error", pa.string()), *([("transductive", pa.bool_())] * transductive)])

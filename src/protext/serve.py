@@ -57,8 +57,10 @@ from .descriptions import read_class_list
 from .errors import ProtextError
 from .feature_cache import feature_store
 from .flags import option
-from .heads import HEADS, Heads, HeadInputs, all_heads, default_heads, head_names, runnable
-from .images import TooManyPixels, UnsupportedFormat, open_header, preprocess
+from .heads import HEADS, Heads, HeadInputs, all_heads, default_heads, explains, head_names, runnable
+from .images import TooManyPixels, UnsupportedFormat, open_header, preprocess, views
+
+MAX_EXPLAIN = 20  # descriptions per image a request may ask for
 
 
 def _number(value: object) -> bool:
@@ -200,7 +202,11 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
             except asyncio.TimeoutError:
                 break
-        batch = [self._items.popleft() for _ in range(min(self.max_batch, len(self._items)))]
+        shape, batch, rest = self._items[0][0].shape, [], deque()
+        while self._items and len(batch) < self.max_batch:  # one shape a pass: images, or an image's views
+            item = self._items.popleft()
+            (batch if item[0].shape == shape else rest).append(item)
+        self._items.extendleft(reversed(rest))
         return [(p, f) for p, f in batch if not f.done()]
 
     async def run(self) -> None:
@@ -298,7 +304,11 @@ class Service:
 
     # -- the pieces of a request -----------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """One forward pass of the image tower (the batcher's model call)."""
+        """One forward pass of the image tower (the batcher's model call); (B, views, 3, H, W) gives
+        (B, views, dim)."""
+        if pixels.dim() == 5:
+            b, v = pixels.shape[:2]
+            return self.backbone.image(pixels.flatten(0, 1).to(self.backbone.device)).cpu().view(b, v, -1)
         return self.backbone.image(pixels.to(self.backbone.device)).cpu()
 
     def _check_labels(self, labels: Sequence[str], where: str, error: Callable[[str], Exception]) -> None:
@@ -349,8 +359,16 @@ class Service:
         """An upper bound of `new_texts`, from counts alone (no sentence is made): cheap enough for every
         request."""
         count = 0
+        key = lambda c: " ".join(c.replace("_", " ").split()).lower()  # noqa: E731 (as normalize_name)
         for part in head_names(head):
-            if part == "clip" or HEADS[part].encode is not None:
+            if part == "awt":  # the class-name prompt and the first descriptions
+                table = {k.lower(): v for k, v in (self.inputs.descriptions or {}).items()}
+                count += sum(1 + min(self.inputs.awt.descriptions, len(table.get(key(c), []))) for c in labels)
+            elif part == "fudd":  # the first pass, then every caption between two of the labels
+                from .fudd import symmetric, texts_of
+
+                count += len(texts_of(symmetric(self.inputs.differential or {}), labels))
+            elif part == "clip" or HEADS[part].encode is not None:
                 count += len(labels)
             elif part == "clip80":
                 count += 80 * len(labels)
@@ -359,7 +377,7 @@ class Service:
             else:  # cupl, dclip: the class's own sentences (a class without any: the clip fallback, one)
                 table = {k.lower(): v for k, v in ((self.inputs.descriptions if part == "cupl" else
                                                     self.inputs.descriptors) or {}).items()}
-                count += sum(len(table.get(" ".join(c.replace("_", " ").split()).lower(), [0])) for c in labels)
+                count += sum(len(table.get(key(c), [0])) for c in labels)
         return count
 
     def new_texts(self, head: str, labels: Sequence[str]) -> int:
@@ -368,7 +386,9 @@ class Service:
         heads = Heads(self.backbone, self.inputs, self.ctx)
         count = 0
         for part in head_names(head):
-            if HEADS[part].encode is not None:
+            if part in ("awt", "fudd"):  # texts made while scoring: counted as if none were cached
+                count += self.most_texts(part, labels)
+            elif HEADS[part].encode is not None:
                 count += len(labels)
             else:
                 count += len({k for k in map(sha1, heads.sentences_of(part, labels)) if k not in self._text_store})
@@ -454,11 +474,13 @@ class Service:
         budget[0] -= pixels
         return image
 
-    def decode(self, name: str, image: Image.Image) -> torch.Tensor:
-        """Pixels of one opened upload."""
+    def decode(self, name: str, image: Image.Image, augment: tuple[int, int] | None = None) -> torch.Tensor:
+        """Pixels of one opened upload (with `augment`, its views too: `images.views`)."""
         tower = self.backbone.image
         try:
             image.load()
+            if augment is not None:
+                return views(image, tower.image_size, tower.mean, tower.std, *augment)
             return preprocess(image, tower.image_size, tower.mean, tower.std)
         except Exception as e:  # PIL's many error classes for a broken file
             raise ApiError(422, f"{name}: the image could not be decoded ({e.__class__.__name__}: {e})") from e
@@ -474,7 +496,7 @@ class Service:
 
     async def classify(self, images: Sequence[Upload], labels: Sequence[str] | None = None,
                        label_set: str | None = None, head: str | None = None, top_k: int | None = None,
-                       activation: str = "softmax") -> dict:
+                       activation: str = "softmax", explain: int = 0) -> dict:
         """Top-k labels with probabilities for each image: the answer of `POST /v1/classify`.
 
         `images` are (name, bytes or a file). Every header is read and checked (formats, pixels,
@@ -486,6 +508,8 @@ class Service:
         k = lim.top_k if top_k is None else top_k
         if k < 1:
             raise ApiError(400, f"top_k must be at least 1, got {k}")
+        if not 0 <= explain <= MAX_EXPLAIN:
+            raise ApiError(400, f"explain must be between 0 and {MAX_EXPLAIN}, got {explain}")
         if not images:
             raise ApiError(400, "no images: send one or more files in the 'images' field")
         if len(images) > lim.max_images:
@@ -493,6 +517,9 @@ class Service:
                                 f"(--max-images)")
         self.check_activation(activation)
         clf = await self.classifier(head, names)
+        if explain and not explains(head):
+            raise ApiError(400, f"head '{head}' has no descriptions to explain a label with; ask a head built from "
+                                f"texts (cupl, dclip, awt, fudd, clip80, waffle)")
         loop = asyncio.get_running_loop()
         budget, opened = [lim.max_request_pixels], []
         try:
@@ -504,8 +531,9 @@ class Service:
             raise
         pixels = []
         decoded = lim.max_request_pixels - budget[0]
+        augment = (clf.views, self.inputs.awt.seed) if clf.views else None
         for (name, _), image in zip(images, opened):  # one at a time: requests take turns on the decoding threads
-            pixels.append(await loop.run_in_executor(self._decoders, self.decode, name, image))
+            pixels.append(await loop.run_in_executor(self._decoders, self.decode, name, image, augment))
         if decoded > 16_000_000:
             release_memory()
         feats = await self.batcher.features(pixels)
@@ -513,6 +541,10 @@ class Service:
         values, idx = probs.topk(min(k, len(names)), dim=1)
         results = [{"image": name, "top": [{"label": names[j], "prob": p} for p, j in zip(vs.tolist(), ix.tolist())]}
                    for (name, _), vs, ix in zip(images, values, idx)]
+        if explain:
+            reasons = await loop.run_in_executor(None, clf.explain, feats, idx[:, 0].tolist(), explain)
+            for result, found in zip(results, reasons):
+                result["explain"] = [{"text": t, "score": v} for t, v in found]
         return {"head": head, "label_set": set_name, "labels": len(names), "activation": activation,
                 "results": results}
 
@@ -521,8 +553,9 @@ class Service:
         return {"label_sets": [{"name": n, "size": len(v), "labels": v} for n, v in self.label_sets.items()],
                 "default_label_set": next(iter(self.label_sets), None),
                 "heads": [self.head] + [h for h in self.heads if h != self.head], "default_head": self.head,
+                "explains": [h for h in self.heads if explains(h)],
                 "top_k": self.limits.top_k, "backbone": public_name(self.backbone.name),
-                "prompts": self.inputs.prompts is not None}
+                "precision": self.backbone.image.precision, "prompts": self.inputs.prompts is not None}
 
     def health(self) -> dict:
         """What `GET /healthz` answers: liveness, the batching counters, label sets encoded and kept, the limits."""

@@ -52,8 +52,29 @@ DCLIP_FILES: dict[str, str] = {
     "fgvc_aircraft": f"{_WAFFLE}/descriptors_fgvcaircraft.json",
     "oxford_flowers": f"{_WAFFLE}/descriptors_flowers102.json",
 }
+_AWT = ("https://raw.githubusercontent.com/MCG-NJU/AWT/b2b49a8fd932bd322cd2515e7bad87bdd132be65/AWT_zero_shot/"
+        "descriptions/image_datasets")
+# AWT's dataset-aware descriptions (about 50 a class, from its two-step LLM prompting).
+AWT_FILES: dict[str, str] = {d: f"{_AWT}/{d}.json" for d in (
+    "caltech101", "caltech256", "cub", "dtd", "eurosat", "fgvc_aircraft", "food101", "imagenet_r", "oxford_flowers",
+    "oxford_pets", "stanford_cars", "sun397", "ucf101")}
+_MPVR = "https://raw.githubusercontent.com/jmiemirza/Meta-Prompting/fb82b79f4f85b6ff727c07ad9ab54d668820b111/descriptions"
+# MPVR's meta-prompted descriptions (LLM-written task templates, then descriptions from each), by its GPT
+# model; `mpvr-mixtral:NAME` for those of Mixtral.
+_MPVR_NAMES = {"cifar10": "CIFAR10_local", "cifar100": "CIFAR100_local", "cub": "CUBS200", "caltech101": "Caltech101",
+               "dtd": "DescribableTextures", "eurosat": "EuroSAT", "fgvc_aircraft": "FGVCAircraft",
+               "food101": "Food101", "imagenet": "ImageNet", "imagenet_r": "ImageNetR",
+               "imagenet_sketch": "ImageNetSketch", "imagenetv2": "ImageNetV2", "oxford_flowers": "OxfordFlowers",
+               "oxford_pets": "OxfordPets", "resisc45": "RESISC45", "sun397": "SUN397", "stanford_cars": "StanfordCars",
+               "ucf101": "UCF101", "kinetics400": "kinetics400", "places365": "places365"}
+MPVR_FILES: dict[str, str] = {d: f"{_MPVR}/gpt/{f}.json" for d, f in _MPVR_NAMES.items()}
+MPVR_MIXTRAL_FILES: dict[str, str] = {d: f"{_MPVR}/mixtral/{f}.json" for d, f in _MPVR_NAMES.items()}
 SOURCES: dict[str, str] = {**{f"cupl:{dataset}": url for dataset, url in CUPL_FILES.items()},
-                           **{f"dclip:{dataset}": url for dataset, url in DCLIP_FILES.items()}}
+                           **{f"dclip:{dataset}": url for dataset, url in DCLIP_FILES.items()},
+                           **{f"awt:{dataset}": url for dataset, url in AWT_FILES.items()},
+                           **{f"mpvr:{dataset}": url for dataset, url in MPVR_FILES.items()},
+                           **{f"mpvr-mixtral:{dataset}": url for dataset, url in MPVR_MIXTRAL_FILES.items()}}
+DESCRIPTION_KINDS = ("cupl:", "awt:", "mpvr:", "mpvr-mixtral:")  # the sets --descriptions takes
 
 
 def _short(stem: str) -> str:
@@ -63,7 +84,7 @@ def _short(stem: str) -> str:
 # File stems without their suffix or prefix ("texture" for texture_prompts_full.json, "pets" for
 # descriptors_pets.json) -> dataset
 _FILE_DATASETS = {_short(url.rsplit("/", 1)[-1].removesuffix(".json").lower()): d
-                  for files in (CUPL_FILES, DCLIP_FILES) for d, url in files.items()}
+                  for files in (CUPL_FILES, DCLIP_FILES, MPVR_FILES) for d, url in files.items()}
 
 
 def dataset_of(set_name: str) -> str | None:
@@ -71,9 +92,11 @@ def dataset_of(set_name: str) -> str | None:
     file ("cupl-dtd"), CuPL's file name ("texture_prompts_full") or the dataset ("dtd");
     None when unknown. Class names of that set then get that dataset's templates."""
     name = set_name.lower().rsplit("/", 1)[-1].removesuffix(".json")
-    name = name.removeprefix("cupl:").removeprefix("cupl-").removeprefix("dclip:").removeprefix("dclip-")
+    for prefix in ("cupl", "dclip", "awt", "mpvr-mixtral", "mpvr"):
+        name = name.removeprefix(prefix + ":").removeprefix(prefix + "-")
     name = _FILE_DATASETS.get(_short(name), _short(name))
-    return name if name in CUPL_FILES or name in DCLIP_FILES or name.startswith("imagenet") else None
+    known = (CUPL_FILES, DCLIP_FILES, AWT_FILES, MPVR_FILES)
+    return name if any(name in files for files in known) or name.startswith("imagenet") else None
 
 
 def cached_path(name: str, ctx: Context = Context()) -> Path:
@@ -102,6 +125,14 @@ def fetch(name: str, ctx: Context = Context(), timeout: float = 30.0) -> Path:
     return path
 
 
+# Class names of the usual (CLIP-style) ImageNet list that DCLIP's ImageNet file spells by WordNet.
+DCLIP_ALIASES = {"newt": "eft", "tights": "maillot"}
+
+
+def _with_aliases(data: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {**data, **{name: data[alias] for name, alias in DCLIP_ALIASES.items() if alias in data and name not in data}}
+
+
 def load_descriptors(spec: str, ctx: Context = Context(), published: bool | None = None) -> dict[str, list[str]]:
     """DCLIP descriptors from a file or a public set name (dclip:NAME).
 
@@ -113,12 +144,12 @@ def load_descriptors(spec: str, ctx: Context = Context(), published: bool | None
 
     path = resolve(spec, ctx, "dclip:")
     if not (spec in SOURCES if published is None else published):
-        return load_descriptions(path, item="descriptor")
+        return _with_aliases(load_descriptions(path, item="descriptor"))
     raw = read_json(path, "descriptor file")
     empty = [k for k, v in raw.items() if isinstance(v, list) and not any(str(d).strip() for d in v)] \
         if isinstance(raw, dict) else []
     data = load_descriptions(path, item="descriptor", skip=set(empty))
-    return {**data, **{normalize_name(k): [""] for k in empty}}
+    return _with_aliases({**data, **{normalize_name(k): [""] for k in empty}})
 
 
 def resolve(spec: str, ctx: Context = Context(), kind: str = "") -> Path:
@@ -129,6 +160,7 @@ def resolve(spec: str, ctx: Context = Context(), kind: str = "") -> Path:
     path = Path(spec).expanduser()
     if not path.is_file():
         what = "descriptor" if kind == "dclip:" else "description"
-        known = sorted(n for n in SOURCES if n.startswith(kind))
+        kinds = DESCRIPTION_KINDS if kind == "cupl:" else (kind,)
+        known = sorted(n for n in SOURCES if n.startswith(kinds))
         raise ProtextError(f"{spec}: no such {what} file, and not a known set ({', '.join(known)})")
     return path

@@ -68,6 +68,23 @@ PROTEXT_TEMPLATES = {
 }
 
 
+# AWT's per-dataset templates (its class-name prompt is "<template>." and each description prompt
+# "<template>. <description>").
+AWT_TEMPLATES = {
+    "oxford_pets": "a photo of a {} from OxfordPets", "oxford_flowers": "a photo of a {}, a type of flower",
+    "fgvc_aircraft": "a photo of a {} from Fine-Grained Visual Classification of Aircraft",
+    "dtd": "a photo of a {}, which is a type of texture, or a type of pattern", "eurosat": "satellite photo of the {}",
+    "food101": "a photo of a {} from Food101", "ucf101": "a photo of a person doing {}",
+    "imagenet_sketch": "a sketch photo of a {}", "imagenet_r": "a rendition photo of a {}",
+    "cub": "a photo of the {}", "caltech256": "a photo of the {}", "birdsnap": "a photo of the {}",
+    "cifar10": "a photo of the {}", "cifar100": "a photo of the {}",
+}
+
+
+def awt_template(dataset: str | None) -> str:
+    return AWT_TEMPLATES.get(dataset or "", "a photo of a {}")
+
+
 def clip_template(dataset: str | None) -> str:
     return CLIP_TEMPLATES.get(_family(dataset), "a photo of a {}.")
 

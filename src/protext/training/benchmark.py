@@ -52,6 +52,8 @@ class BenchmarkSettings:
     descriptors_dir: Path | None = option(None, "text-only: <dataset>.json DCLIP descriptor files (default: the "
                                                 "public DCLIP sets)")
     waffle_seeds: int = option(7, "text-only: WaffleCLIP is the mean over this many seeds, as in its paper")
+    awt_dir: Path | None = option(None, "text-only: <dataset>.json description files for the awt head (default: "
+                                        "AWT's own public sets, awt:NAME)")
 
     def names(self, default: Sequence[str]) -> list[str]:
         return [d.strip() for d in self.datasets.split(",") if d.strip()] if self.datasets else list(default)
@@ -144,6 +146,16 @@ def descriptors_for(dataset: str, descriptors_dir: Path | None, ctx: Context) ->
         return load_descriptors(str(Path(descriptors_dir) / f"{dataset}.json"))
     if f"dclip:{dataset}" in SOURCES:
         return load_descriptors(f"dclip:{dataset}", ctx)
+    return None
+
+
+def awt_descriptions_for(dataset: str, awt_dir: Path | None, ctx: Context) -> dict | None:
+    """`<awt_dir>/<dataset>.json`, else AWT's own public set of that name, else None; blanks kept,
+    as AWT counts them."""
+    if awt_dir is not None and (Path(awt_dir) / f"{dataset}.json").is_file():
+        return load_descriptions(Path(awt_dir) / f"{dataset}.json", keep_blank=True)
+    if f"awt:{dataset}" in SOURCES:
+        return load_descriptions(fetch(f"awt:{dataset}", ctx), keep_blank=True)
     return None
 
 
@@ -253,8 +265,17 @@ def text_only(backbone: Backbone, data_root: Path, prompts_dir: Path, cfg, setti
             results.not_run[f"{name}/dclip"] = str(e)
         inputs = HeadInputs(prompts, data, descriptors, dataset=name)
         heads = all_heads(inputs)
-        row = _score(results, backbone, ds, inputs, [h for h in heads if h != "waffle"], ctx)
+        row = _score(results, backbone, ds, inputs, [h for h in heads if h not in ("waffle", "awt")], ctx)
         results.dataset_row(row)
+        try:  # AWT with its own descriptions, as its paper reports it
+            awt = awt_descriptions_for(name, settings.awt_dir, ctx)
+            awt = select_classes(awt, ds.classes, f"awt ({name})") if awt else None
+            if awt is None:
+                results.not_run[f"{name}/awt"] = f"no AWT descriptions for {name}"
+            else:
+                _score(results, backbone, ds, replace(inputs, descriptions=awt), ["awt"], ctx)
+        except ProtextError as e:
+            results.not_run[f"{name}/awt"] = str(e)
         feats = extract(backbone, ds, ctx)  # from the cache evaluate just filled
         waffle = sum(accuracy(feats, Heads(backbone, replace(inputs, prompts=None, waffle=Waffle(seed=seed)),
                                            ctx).get("waffle", ds.classes))

@@ -414,3 +414,138 @@ def describe(classes: Sequence[str], kind: str, out: str | Path, generate: Gener
     return {"classes": len(names), "already_saved": len(names) - len(todo), "described": len(todo) - len(failed),
             "failed": failed, "out": str(out),
             "sentences": sum(len(saved.get(c, [])) for c in names)}
+
+
+# -- FuDD: how confusable classes differ ----------------------------------------------------------
+
+def differential_question(a: str, b: str, count: int = 4) -> str:
+    """The question about one pair: how a photo of `a` differs from a photo of `b`, attribute by attribute."""
+    return (f"In a photo, how does a {a} look different from a {b}? Give {count} visual differences, one per line, "
+            f"each written as: <attribute>: a photo of a {a} with <what it shows> | a photo of a {b} with <what it "
+            f"shows>")
+
+
+def parse_differences(answer: str, max_chars: int = 300) -> tuple[list[str], list[str]]:
+    """(captions of the first class, of the second) from an answer's "<attribute>: A | B" lines."""
+    first, second = [], []
+    for line in answer.splitlines():
+        if "|" not in line:
+            continue
+        left, right = (part.strip() for part in line.split("|", 1))
+        left = left.split(":", 1)[1].strip() if ":" in left.split(" a photo", 1)[0] else left
+        left, right = (_LEADING_JUNK.sub("", side).strip().rstrip(".") for side in (left, right))
+        if 3 < len(left) <= max_chars and 3 < len(right) <= max_chars:
+            first.append(left + ".")
+            second.append(right + ".")
+    return first, second
+
+
+def confusable_pairs(features, classes: Sequence[str], neighbours: int = 3) -> list[tuple[str, str]]:
+    """Pairs of classes worth telling apart: each class with its `neighbours` nearest classes by the
+    cosine of their text features (a tensor (C, d); an image's top classes come from these), each pair once."""
+    similar = features @ features.T
+    similar.fill_diagonal_(float("-inf"))
+    pairs: dict[tuple[int, int], None] = {}
+    for i, row in enumerate(similar):
+        for j in row.topk(min(neighbours, len(classes) - 1)).indices.tolist():
+            pairs[(min(i, j), max(i, j))] = None
+    return [(classes[i], classes[j]) for i, j in pairs]
+
+
+def pairs_in_top(scores, classes: Sequence[str], k: int = 4) -> list[tuple[str, str]]:
+    """Pairs of classes an image is confused between, as FuDD finds them: every pair within each row's
+    top `k` classes of `scores` (images, C), e.g. a first pass over a sample of the images to label."""
+    pairs: dict[tuple[int, int], None] = {}
+    for row in scores:
+        top = sorted(row.topk(min(k, len(classes))).indices.tolist())
+        for n, i in enumerate(top):
+            for j in top[n + 1:]:
+                pairs[(i, j)] = None
+    return [(classes[i], classes[j]) for i, j in pairs]
+
+
+def describe_differential(pairs: Sequence[tuple[str, str]], out: str | Path, generate: Generator,
+                          concurrency: int = 4, max_chars: int = 300, ctx: Context = Context()) -> dict:
+    """Ask how each pair differs; write `{class: {other: [captions]}}` to `out` after every answered pair,
+    atomically, so a rerun asks only for the pairs not yet there. A refused key stops the run at once."""
+    from ..descriptions import load_differential
+
+    out = Path(out)
+    saved = load_differential(out) if out.is_file() else {}
+    todo = [(a, b) for a, b in pairs if normalize_name(b) not in saved.get(normalize_name(a), {})]
+    failed: dict[str, str] = {}
+    stop = threading.Event()
+
+    def ask(a: str, b: str) -> tuple[list[str], list[str]]:
+        if stop.is_set():
+            raise ProtextError("not asked: the run was stopped")
+        try:
+            return parse_differences(generate(differential_question(a, b)), max_chars)
+        except FatalError:
+            stop.set()
+            raise
+        except ProtextError:
+            raise
+        except Exception as e:
+            raise ProtextError(f"{type(e).__name__}: {e}") from e
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, ctx.bar(len(todo), "differences", "pair") as bar:
+        futures = {pool.submit(ask, a, b): (a, b) for a, b in todo}
+        try:
+            for future in as_completed(futures):
+                a, b = futures[future]
+                try:
+                    first, second = future.result()
+                except FatalError:
+                    raise
+                except ProtextError as e:
+                    failed[f"{a} / {b}"] = str(e)
+                    bar.update(1)
+                    continue
+                if not first:
+                    failed[f"{a} / {b}"] = "no usable difference in the answer"
+                else:
+                    saved.setdefault(normalize_name(a), {})[normalize_name(b)] = first
+                    saved.setdefault(normalize_name(b), {})[normalize_name(a)] = second
+                    atomic_write_json(out, saved)
+                bar.update(1)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return {"pairs": len(pairs), "already_saved": len(pairs) - len(todo), "described": len(todo) - len(failed),
+            "failed": failed, "out": str(out)}
+
+
+# -- MPVR: the LLM writes the questions first ----------------------------------------------------
+
+def meta_question(task: str, count: int = 30) -> str:
+    """The meta-prompt: from a one-line description of the images, questions that make an LLM describe a class."""
+    return (f"The images show {task}. Write {count} different questions, one per line, that ask for a visual "
+            f"description of one class of such images, so that the answers say what the class looks like in them. "
+            f"Write {{}} where the class name goes. They should differ in what they ask about (shape, colour, "
+            f"parts, context, how the images show it). As an example of the form, for close-up photos of textures "
+            f"such questions could be:\nWhat does a {{}} texture look like?\nHow would you recognise the {{}} "
+            f"pattern on a surface?\nDescribe the colours and the regularity of a {{}} texture.")
+
+
+def parse_templates(answer: str) -> list[str]:
+    """The question templates of an answer: lines holding the class slot ({}, {class}, <class>)."""
+    out = []
+    for line in answer.splitlines():
+        line = _LEADING_JUNK.sub("", line).strip()
+        line = re.sub(r"\{[a-z_ ]*\}|<[a-z_ ]+>|\[[a-z_ ]+\]", "{}", line, flags=re.IGNORECASE)
+        if line.count("{}") == 1 and 10 < len(line) < 300:
+            out.append(line.replace("{", "{{").replace("}", "}}").replace("{{}}", "{}"))
+    return list(dict.fromkeys(out))
+
+
+def meta_templates(task: str, generate: Generator, path: Path, count: int = 30) -> list[str]:
+    """The questions for `task`, asked once: kept in `path` and read from there by a rerun."""
+    if path.is_file():
+        saved = read_json(path, "template file")
+        if isinstance(saved, dict) and saved.get("task") == task and saved.get("templates"):
+            return list(saved["templates"])
+    templates = parse_templates(generate(meta_question(task, count)))
+    if not templates:
+        raise ProtextError("the LLM's answer held no question with a class slot ({}); try again, or another model")
+    atomic_write_json(path, {"task": task, "templates": templates})
+    return templates

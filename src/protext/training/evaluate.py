@@ -51,11 +51,14 @@ def image_key(path: Path | HubImage) -> str:
 
 
 def extract(backbone: Backbone, dataset: Dataset, ctx: Context = Context(), batch_size: int = 64,
-            workers: int | None = None, part_size: int = 512, max_pixels: int = MAX_PIXELS) -> LabelledFeatures:
-    """Features of every readable image of `dataset`, from the cache where possible."""
+            workers: int | None = None, part_size: int = 512, max_pixels: int = MAX_PIXELS,
+            augment: tuple[int, int] | None = None) -> LabelledFeatures:
+    """Features of every readable image of `dataset`, from the cache where possible; with `augment`
+    (views, seed), each image's (1 + views, dim) view features (`engine.run`), cached apart."""
     if backbone.image is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower")
-    images = feature_store(backbone, "image", ctx, f"{dataset.name}-{dataset.split}")
+    name = f"{dataset.name}-{dataset.split}" + (f"-views{augment[0]}-seed{augment[1]}" if augment else "")
+    images = feature_store(backbone, "image", ctx, name)
     paths = [p for p, _ in dataset.samples]
     keys = [image_key(p) for p in paths]
     todo = images.missing(keys)
@@ -63,15 +66,18 @@ def extract(backbone: Backbone, dataset: Dataset, ctx: Context = Context(), batc
     work = [(i, [todo[k] for k in r]) for i, r in enumerate(spans(len(todo), part_size))]
     with ctx.bar(len(todo), f"image features {dataset.name}", "img", show=bool(todo)) as bar:
         for part in run(backbone, ((i, [paths[j] for j in positions]) for i, positions in work), batch_size, workers,
-                        progress=bar.update, max_pixels=max_pixels):
+                        progress=bar.update, max_pixels=max_pixels, augment=augment):
             positions = work[part.index][1]
             good = [k for k, e in enumerate(part.errors) if e is None]
             skipped.update((positions[k], e) for k, e in enumerate(part.errors) if e is not None)
             if good:
-                images.put([keys[positions[k]] for k in good], part.features[good])
+                images.put([keys[positions[k]] for k in good], part.features[good].flatten(1))
     kept = [i for i in range(len(paths)) if keys[i] in images]
     labels = torch.tensor([dataset.samples[i][1] for i in kept], dtype=torch.long)
-    return LabelledFeatures(images.stack([keys[i] for i in kept]), labels, [str(paths[i]) for i in kept],
+    feats = images.stack([keys[i] for i in kept])
+    if augment is not None and len(feats):
+        feats = feats.view(len(kept), 1 + augment[0], -1)
+    return LabelledFeatures(feats, labels, [str(paths[i]) for i in kept],
                             [(str(paths[i]), reason) for i, reason in sorted(skipped.items())])
 
 
@@ -89,5 +95,11 @@ def evaluate(backbone: Backbone, dataset: Dataset, heads: Heads, names: Sequence
            "images": len(feats.labels), "skipped": len(feats.skipped), "skipped_files": feats.skipped[:50],
            "notes": dataset.notes}
     for name in names:
-        row[name] = accuracy(feats, heads.get(name, dataset.classes))
+        views = heads.views(name)
+        if not views:
+            row[name] = accuracy(feats, heads.get(name, dataset.classes))
+            continue
+        seen = extract(backbone, dataset, ctx, max_pixels=max_pixels, augment=(views, heads.inputs.awt.seed))
+        scores = heads.logits(name, seen.feats, heads.get(name, dataset.classes), dataset.classes)
+        row[name] = 100.0 * int((scores.argmax(1) == seen.labels).sum()) / max(1, len(seen.labels))
     return row

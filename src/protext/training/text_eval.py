@@ -121,6 +121,7 @@ class TextCheckSettings:
     holdout: float = option(0.2, "base2novel: share of each base class's descriptions held out")
     holdout_seed: int = option(1, "seed of the hold-out split")
     mask_word: str = option("thing", "word that replaces the class name")
+    waffle_seeds: int = option(7, "WaffleCLIP is the mean over this many seeds, as in its paper")
     inference_template: str | None = option(None, "template of both the clip and protext heads (default: as "
                                                   "ProText's code, 'a photo of a {}.' in base2novel and the target "
                                                   "dataset's inference template in cross-dataset, the dataset known "
@@ -131,6 +132,8 @@ class TextCheckSettings:
             raise ProtextError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not 0 < self.holdout < 1:
             raise ProtextError(f"holdout must be between 0 and 1, got {self.holdout}")
+        if self.waffle_seeds < 1:
+            raise ProtextError(f"--waffle-seeds must be at least 1, got {self.waffle_seeds}")
 
 
 class TextEvaluator:
@@ -138,14 +141,14 @@ class TextEvaluator:
 
     def __init__(self, backbone: Backbone, cfg: TrainConfig, ctx: Context = Context(), template: str | None = None,
                  mask_word: str = "thing", work_dir: Path | None = None, waffle: Waffle = Waffle(),
-                 descriptors: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
+                 descriptors: Mapping[str, Mapping[str, Sequence[str]]] | None = None, waffle_seeds: int = 1):
         self.backbone = backbone
         self.cfg = replace(cfg, depth=min(cfg.depth, backbone.text.num_layers))
         self.ctx = ctx
         self.template = template
         self.mask_word = mask_word
         self.work_dir = Path(work_dir) if work_dir else ctx.cache / "eval-text-runs"
-        self.waffle = waffle
+        self.waffle, self.waffle_seeds = waffle, waffle_seeds
         self.descriptors = {d: {normalize_name(k): list(v) for k, v in m.items()} for d, m in (descriptors or {}).items()}
         self.not_run: dict[str, str] = {}
 
@@ -162,20 +165,29 @@ class TextEvaluator:
               train_data: Mapping[str, Sequence[str]] | None, template: str, dataset: str | None,
               where: str) -> dict[str, float]:
         """Top-1 of every head the inputs allow: clip and protext read `template`, cupl ensembles
-        `train_data`, dclip runs when this dataset's descriptors cover every class."""
+        `train_data`, dclip runs when this dataset's descriptors cover every class, waffle is the
+        mean over `waffle_seeds` seeds (its characters from the descriptors or descriptions given)."""
         q = self.encode(queries.texts)
         inputs = HeadInputs(model, train_data, self.descriptors.get(dataset or ""), self.waffle, dataset,
                             template=template)
         heads = Heads(self.backbone, inputs, self.ctx)
-        waffle = Heads(self.backbone, HeadInputs(waffle=self.waffle, dataset=dataset), self.ctx)
         out = {}
         for name in all_heads(inputs):
             try:
-                weights = (waffle if name == "waffle" else heads).get(name, classes)
+                if name == "waffle":
+                    seeds = [replace(self.waffle, seed=self.waffle.seed + k) for k in range(self.waffle_seeds)]
+                    out[name] = sum(top1(q, queries.labels, Heads(self.backbone, replace(inputs, waffle=w), self.ctx)
+                                         .get("waffle", classes)) for w in seeds) / len(seeds)
+                    continue
+                weights = heads.get(name, classes)
             except ProtextError as e:  # a head without data for these classes is not run, never replaced
                 self.not_run[f"{where}/{name}"] = str(e)
                 continue
-            out[name] = top1(q, queries.labels, weights)
+            if heads.views(name):  # a query is one text: a head of views sees it as one view
+                scores = heads.logits(name, q.unsqueeze(1), weights, classes)
+                out[name] = 100.0 * int((scores.argmax(1) == queries.labels).sum()) / max(1, len(queries.labels))
+            else:
+                out[name] = top1(q, queries.labels, weights)
         return out
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
@@ -294,7 +306,7 @@ def run(backbone: Backbone, sets: Mapping[str, dict], out: Path, settings: TextC
 
     def evaluator(preset: str) -> TextEvaluator:
         return TextEvaluator(backbone, make_config(preset, config_file, overrides), ctx, settings.inference_template,
-                             settings.mask_word, Path(out) / "runs", waffle, by_dataset)
+                             settings.mask_word, Path(out) / "runs", waffle, by_dataset, settings.waffle_seeds)
 
     not_run: dict[str, str] = {}
     if settings.protocol in ("base2novel", "both"):
