@@ -11,9 +11,15 @@ It runs twice, on two fresh servers:
 
 For each: images/s over the whole load, p50 and p99 request latency, the server's resident
 memory before the load and its peak during it (sampled every 20 ms from /proc). Nothing
-leaves the loopback address. The last line is the ratio of images per second.
+leaves the loopback address.
 
-    python benchmarks/serve_load.py [--clients 16] [--requests 6] [--vit-b16]
+Beside them, in the same run, a bare batched forward: the same model loaded in this process,
+the same images decoded and preprocessed beforehand (not timed), batches of `--max-batch`
+through the image tower and the head's softmax, fastest of two rounds. The last lines are
+the ratios of images per second: batching over one at a time, and serve's efficiency,
+batching over the bare forward (target under 16 clients: at least 0.9).
+
+    python benchmarks/serve_load.py [--clients 16] [--requests 6] [--vit-b16] [--precision int8] [--device cuda]
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def free_port() -> int:
 
 
 def run_load(model: Path, classes: Path, max_batch: int, clients: int, requests: int, images: list[bytes],
-             cache: Path) -> dict:
+             cache: Path, precision: str = "fp32", device: str = "cpu", max_wait_ms: float = 10.0) -> dict:
     import httpx
 
     port = free_port()
@@ -55,7 +61,8 @@ def run_load(model: Path, classes: Path, max_batch: int, clients: int, requests:
     server = subprocess.Popen([sys.executable, "-m", "protext", "serve", "--backbone", str(model), "--head", "clip",
                                "--classes", str(classes), "--host", "127.0.0.1", "--port", str(port), "--max-batch",
                                str(max_batch), "--max-requests", str(4 * clients), "--max-queue", str(4 * clients),
-                               "--cache-dir", str(cache)],
+                               "--cache-dir", str(cache), "--precision", precision, "--device", device,
+                               "--max-wait-ms", str(max_wait_ms)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         with httpx.Client(trust_env=False, timeout=600) as client:
@@ -118,11 +125,46 @@ def run_load(model: Path, classes: Path, max_batch: int, clients: int, requests:
             "mean_batch": batching["images"] / max(1, batching["forward_passes"])}
 
 
+def bare_forward(model: Path, classes: Path, images: list[bytes], batch: int, precision: str, device: str,
+                 cache: Path) -> float:
+    """Images/s of the same model and head on pre-decoded images, in batches of `batch` (fastest of two rounds)."""
+    import io
+
+    import torch
+
+    from protext.classifier import ProTextClassifier
+    from protext.context import Context
+    from PIL import Image
+
+    from protext.images import load_pixels
+
+    clf = ProTextClassifier.from_backbone(str(model), classes.read_text().split("\n")[:-1],
+                                          Context(cache, device, progress=False), head="clip", precision=precision)
+    tower = clf.backbone.image
+    pixels = [load_pixels(Image.open(io.BytesIO(data)), tower.image_size, tower.mean, tower.std) for data in images]
+    cuda = device.startswith("cuda")
+
+    def one_round() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            clf.logits(tower(torch.stack(pixels[i: i + batch]).to(device)).cpu()).softmax(-1)
+        if cuda:
+            torch.cuda.synchronize()
+        return len(pixels) / (time.perf_counter() - t0)
+
+    one_round()  # warm-up, as the server's
+    return max(one_round(), one_round())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=6, help="requests per client, one image each")
     ap.add_argument("--vit-b16", action="store_true", help="ViT-B/16's image tower instead of ViT-B/32's")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for the server and the bare forward")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="serve --max-wait-ms of the batching server "
+                                                                    "(0: latency of one client, nothing to wait for)")
     args = ap.parse_args()
 
     from protext.tiny import save_tiny_clip
@@ -134,22 +176,29 @@ def main() -> None:
                                vision_width=768, vision_layers=12, vision_heads=12, image_size=224, patch=patch)
         classes = Path(tmp) / "classes.txt"
         classes.write_text("".join(f"class number {i}\n" for i in range(100)))
-        servers = (("batching (max batch 32, max wait 10 ms)", 32), ("one at a time (max batch 1)", 1))
+        servers = ((f"batching (max batch 32, max wait {args.max_wait_ms:g} ms)", 32), ("one at a time (max batch 1)", 1))
         results = {name: run_load(model, classes, max_batch, args.clients, args.requests, images,
-                                  Path(tmp) / f"cache-{max_batch}")  # each server encodes its label set itself
-                   for name, max_batch in servers}
+                                  Path(tmp) / f"cache-{max_batch}", args.precision, args.device,
+                                  args.max_wait_ms if max_batch > 1 else 0.0)
+                   for name, max_batch in servers}  # each server encodes its label set itself
+        load = [images[i % len(images)] for i in range(args.clients * args.requests)]  # the images the load sent
+        bare = bare_forward(model, classes, load, 32, args.precision, args.device, Path(tmp) / "cache-bare")
 
     import torch
 
-    print(f"ViT-B/{patch}-shaped random CLIP, 224 px, clip head, 100 classes; {args.clients} concurrent clients x "
-          f"{args.requests} requests of 1 real JPEG; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{device}, {args.precision}; ViT-B/{patch}-shaped random CLIP, 224 px, clip head, 100 classes; "
+          f"{args.clients} concurrent clients x {args.requests} requests of 1 real JPEG; torch threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")
     print("| server | images/s | p50 latency s | p99 latency s | mean / largest batch | RSS before MiB | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['images_per_s']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['mean_batch']:.1f} / "
               f"{r['largest_batch']} | {r['rss_before']:.0f} | {r['rss_peak']:.0f} |")
+    print(f"| bare batched forward (batch 32, pre-decoded, same process) | {bare:.2f} | | | | | |")
     batched, single = results.values()
     print(f"batching / one at a time images per second: {batched['images_per_s'] / single['images_per_s']:.2f}")
+    print(f"serve efficiency, batching / bare batched forward images per second: {batched['images_per_s'] / bare:.2f}")
 
 
 if __name__ == "__main__":

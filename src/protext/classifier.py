@@ -44,8 +44,9 @@ class ClassifierOptions:
                                         f"--prompts were trained on, else {DEFAULT_BACKBONE}); with --prompts, "
                                         "checked against their weights' fingerprint")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the backbone")
-    precision: str = option("fp32", "the image tower's arithmetic: fp32; int8 (CPU, about 2.5-3x faster, features "
-                                     "within about 0.999 cosine of fp32's); bf16; fp16 (CUDA only)", choices=PRECISIONS)
+    precision: str = option("fp32", "the image tower's arithmetic: fp32; int8 (CPU only: dynamic quantization, about "
+                                     "3x faster, features within about 0.9997 cosine of fp32's); bf16 (GPUs, and CPUs "
+                                     "with AVX-512 BF16 or AMX); fp16 (CUDA only)", choices=PRECISIONS)
     head: str | None = option(None, "one head, or heads joined with '+' (default: protext with --prompts, else cupl "
                                     "with --descriptions, else clip)")
     dataset: str | None = option(None, "the dataset the classes come from (e.g. oxford_pets): the clip head uses its "
