@@ -31,9 +31,9 @@ def test_bad_arguments_give_one_line_errors(tiny_folder, tmp_path, capsys):
         main(["train", "--backbone", str(tiny_folder), "--descriptions", str(CUPL / "eurosat_prompts_full.json"),
               "--loss", "huber", "--out", str(tmp_path / "p")])
     assert "invalid choice: 'huber'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # flags are never abbreviated: --out is not --output
-        main(["label", str(tmp_path), "--classes", "a,b", "--out", str(tmp_path / "l.jsonl")])
-    assert "required: --output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # flags are never abbreviated: --outpu is not --output
+        main(["label", str(tmp_path), "--classes", "a,b", "--outpu", str(tmp_path / "l.jsonl")])
+    assert "unrecognized arguments: --outpu" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--preset", "nope"])
 
@@ -236,7 +236,7 @@ def test_eval_exits_2_when_no_image_could_be_read_and_names_an_empty_half(tiny_f
 
 
 def test_links_to_folders_are_followed_and_bad_links_are_said(tmp_path, shared):
-    from protext.engine import collect
+    from protext.inputs import collect
 
     real = tmp_path / "real"
     real.mkdir()
@@ -273,7 +273,7 @@ def test_bash_completion_knows_every_command_and_flag(tmp_path, capsys):
         ["bash", "-c", f"source {script}; COMP_WORDS=({words}); COMP_CWORD={len(words.split()) - 1}; _protext; "
                        f"echo ${{COMPREPLY[@]}}"], capture_output=True, text=True, check=True).stdout.split()
     assert run("protext la") == ["label"]
-    assert run("protext label --part") == ["--part-size"] and "--max-new-texts" in run("protext serve --max")
+    assert run("protext label --part") == ["--part-format", "--part-size"] and "--max-new-texts" in run("protext serve --max")
 
 
 def test_the_package_says_it_is_typed():

@@ -15,9 +15,9 @@ from support import ROOT, SHARED
 from protext.context import QUIET, Context
 from protext.classifier import ProTextClassifier
 from protext.cli import main
-from protext.distributed import Classify, features_on_ray, label_on_ray
+from protext.distributed import PartWorker, features_on_ray, label_on_ray
 from protext.feature_folder import read_features, write_features
-from protext.engine import collect
+from protext.inputs import collect
 from protext.errors import ProtextError
 from protext.label import label
 from protext.parts import PartFolder
@@ -69,15 +69,15 @@ def test_ray_gives_the_rows_of_the_single_machine_path(cluster, clf, tmp_path, m
     assert not (tmp_path / "ray.jsonl.parts").exists()
 
 
-class Flaky(Classify):
-    """Dies (the whole worker process) on its first batch, once per test, as a crashed machine would."""
+class Flaky(PartWorker):
+    """Dies (the whole worker process) on its first part, once per test, as a crashed machine would."""
 
-    def __call__(self, batch):
+    def compute(self, *args):
         marker = os.environ["PROTEXT_TEST_MARKER"]
         if not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
-        return super().__call__(batch)
+        return super().compute(*args)
 
 
 def test_an_actor_that_dies_is_retried_and_every_image_is_labelled_once(cluster, clf, tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_an_actor_that_dies_is_retried_and_every_image_is_labelled_once(cluster,
 
     marker = tmp_path / "died"
     monkeypatch.setenv("PROTEXT_TEST_MARKER", str(marker))
-    monkeypatch.setattr(distributed, "Classify", Flaky)
+    monkeypatch.setattr(distributed, "PartWorker", Flaky)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests
     paths = images(tmp_path, 40)
     report = label_on_ray(clf, paths, tmp_path / "out.jsonl", workers=1, batch_size=8, part_size=16, ctx=QUIET,
@@ -104,7 +104,7 @@ def _label_cmd(prompts, out, paths):
 
 def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folder, clf, tmp_path):
     prompts = clf.inputs.prompts.save_pretrained(tmp_path / "p")
-    paths = [tmp_path / "imgs" / f"{i:03d}.jpg" for i in range(600)]  # six parts
+    paths = [tmp_path / "imgs" / f"{i:04d}.jpg" for i in range(1500)]  # 15 parts
     paths[0].parent.mkdir()
     sources = collect([CIFAR])
     for i, p in enumerate(paths):
@@ -119,12 +119,17 @@ def test_a_rerun_after_an_interrupted_job_labels_only_what_is_missing(tiny_folde
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     proc.wait()
+    count, quiet = -1, time.time()
+    while time.time() - quiet < 3:  # workers write their own parts: wait until none is left writing
+        if len(list(parts.glob("part-*.jsonl"))) != count:
+            count, quiet = len(list(parts.glob("part-*.jsonl"))), time.time()
+        time.sleep(0.2)
     written = {json.loads(line)["path"] for f in parts.glob("part-*.jsonl") for line in f.read_text().splitlines()}
     assert written and not out.exists(), "the job finished before it could be interrupted"
     done = subprocess.run(_label_cmd(prompts, out, [paths[0].parent]), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["reused"] == len(written) and report["processed"] == len(paths) - len(written)
+    assert report["reused"] == len(written) and report["processed"] == len(paths) - len(written) > 0
     assert len(rows(out)) == len(paths)
 
 
@@ -197,3 +202,47 @@ def test_parts_written_for_another_list_of_images_are_refused_on_either_engine(c
                                                "\\(4 images then, 10 now"):
             run()
     assert folder.done(0) and not out.exists()  # nothing was changed by the refusals
+
+
+def test_workers_read_a_manifest_and_write_the_parts_themselves(cluster, clf, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from protext.inputs import open_inputs
+
+    paths = images(tmp_path, 30)
+    pq.write_table(pa.table({"path": [str(p) for p in paths], "label": ["truth"] * len(paths)}),
+                   tmp_path / "m.parquet", row_group_size=7)
+    manifest = open_inputs([tmp_path / "m.parquet"], 8)
+    label(clf, manifest, out=tmp_path / "one", part_size=8, ctx=QUIET)
+
+    def not_here(*args):
+        raise AssertionError("the driver wrote a part")
+
+    monkeypatch.setattr(PartFolder, "write", not_here)  # in this process only: the workers write
+    report = label_on_ray(clf, manifest, out=tmp_path / "ray", part_size=8, workers=2, batch_size=4, ctx=QUIET,
+                          save_features=tmp_path / "f")
+    monkeypatch.undo()
+    assert (report.processed, report.unreadable) == (len(paths), 1)
+    a, b = pq.read_table(tmp_path / "one"), pq.read_table(tmp_path / "ray")
+    assert a.column_names == b.column_names and a.column("path").to_pylist() == b.column("path").to_pylist()
+    assert a.column("top_labels").to_pylist() == b.column("top_labels").to_pylist()
+    assert b.column("input_label").to_pylist() == ["truth"] * len(paths)
+    write_features(clf.backbone, manifest, tmp_path / "g", part_size=8, ctx=QUIET)
+    f, g = read_features(tmp_path / "f"), read_features(tmp_path / "g")
+    assert f.paths == g.paths and f.errors == g.errors and torch.allclose(f.feats, g.feats, atol=1e-5)
+
+
+def test_workers_read_webdataset_shards_themselves(cluster, clf, tmp_path):
+    import pyarrow.parquet as pq
+    from test_manifests import write_shards
+
+    from protext.inputs import open_inputs
+
+    keys = write_shards(tmp_path / "shards")
+    shards = open_inputs([tmp_path / "shards"], 4)
+    label(clf, shards, out=tmp_path / "one", part_size=4, ctx=QUIET)
+    label_on_ray(clf, shards, out=tmp_path / "ray", part_size=4, workers=1, ctx=QUIET)
+    a, b = pq.read_table(tmp_path / "one"), pq.read_table(tmp_path / "ray")
+    assert b.column("path").to_pylist() == keys and a.column("top_labels").equals(b.column("top_labels"))
+    assert b.column("cls").to_pylist() == a.column("cls").to_pylist()

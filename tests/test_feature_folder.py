@@ -17,7 +17,7 @@ from protext.errors import ProtextError
 from protext.feature_folder import read_features, write_features
 from protext.images import load_pixels
 from protext.parts import PartFolder
-from protext.engine import collect
+from protext.inputs import collect
 from protext.label import label
 
 CLASSES = ["airplane", "cat", "frog", "ship"]

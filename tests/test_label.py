@@ -13,7 +13,7 @@ from protext.classifier import ProTextClassifier
 from protext.cli import main
 from protext.context import QUIET, Context
 from protext.errors import ProtextError
-from protext.engine import collect
+from protext.inputs import collect
 from protext.label import label
 
 CLASSES = ["airplane", "cat", "frog", "ship"]

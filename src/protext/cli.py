@@ -19,8 +19,11 @@ from .context import Context
 from .errors import ProtextError
 from .flags import add_flags, from_flags, values
 
-PATHS_HELP = ("image files, folders (searched recursively), .csv files listing paths (a 'path' column, else the first; "
-              "relative to the CSV), or URIs such as s3://bucket/key.jpg (read with pyarrow's filesystems)")
+PATHS_HELP = ("image files, folders (searched recursively), URIs such as s3://bucket/key.jpg (read with pyarrow's "
+              "filesystems), or manifests: .parquet, .jsonl or .csv files (or folders of them, local or s3://...) "
+              "with a 'path' column (a CSV without a header: its first column; relative paths are relative to the "
+              "manifest) whose other columns are carried to the output; manifests given alone are read a part at a "
+              "time, never listed whole")
 CLASSES_HELP = "label set: a file (one class per line, or a JSON list of names) or a,b,c"
 RESUME_HINT = "finished parts are kept: rerun the same command to continue where it stopped"
 CACHED_HINT = "image features and prompts finished so far are cached: rerun the same command to continue"
@@ -44,12 +47,12 @@ def _writable(path, flag: str, folder: bool = False) -> None:
         check_writable(path, flag, folder)
 
 
-def _collect(paths: list[str]) -> list:
-    """The inputs of `label` and `features`, with what was skipped while listing them said on stderr."""
-    from .engine import collect
+def _inputs(paths: list[str], part_size: int):
+    """`inputs.open_inputs`: manifests read in place, or the listed inputs; notes said on stderr."""
+    from .inputs import open_inputs
 
     notes: list[str] = []
-    found = collect(paths, notes)
+    found = open_inputs(paths, part_size, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return found
@@ -137,11 +140,14 @@ def _add_job(p: argparse.ArgumentParser, part_size: int, what: str) -> None:
     _add_max_pixels(p)
     g = p.add_argument_group("on a Ray cluster (pip install 'protext[ray]')")
     g.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help=f"local: this process; ray: decode in Ray tasks and {what} in a pool of Ray actors, each "
-                        f"loading the image tower once (default: %(default)s)")
+                   help=f"local: this process; ray: a pool of Ray actors, each loading the image tower once and "
+                        f"computing whole parts ({what}: decoding in threads, the forward pass, the part file "
+                        f"written into the output folder, which every machine must reach) (default: %(default)s)")
     g.add_argument("--address", default=None,
                    help="ray: the cluster, 'auto' or ray://HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
     g.add_argument("--num-gpus-per-worker", type=float, default=0, help="ray: GPUs per actor (default: 0)")
+    g.add_argument("--cpus-per-worker", type=float, default=1,
+                   help="ray: CPUs each actor reserves, and the torch threads it runs (default: %(default)s)")
 
 
 def _add_max_pixels(p: argparse.ArgumentParser) -> None:
@@ -157,7 +163,8 @@ def _ray_job(args: argparse.Namespace) -> dict:
 
     ray_module()  # before any model is loaded: says how to install Ray when it is missing
     return {"address": args.address, "workers": 2 if args.workers is None else args.workers,
-            "num_gpus_per_worker": args.num_gpus_per_worker, "batch_size": args.batch_size,
+            "num_gpus_per_worker": args.num_gpus_per_worker, "cpus_per_worker": args.cpus_per_worker,
+            "batch_size": args.batch_size,
             "part_size": args.part_size, "max_pixels": args.max_pixels}
 
 
@@ -306,7 +313,7 @@ def _describe(args: argparse.Namespace) -> None:
         first = encode_texts(backbone, [first_pass_text(c) for c in classes], ctx)
         if args.images:
             from .classifier import ProTextClassifier
-            from .engine import collect
+            from .inputs import collect
             from .training.describe import pairs_in_top
 
             sample, _, unreadable = ProTextClassifier.from_weights(backbone, classes, first).image_features(
@@ -584,9 +591,19 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
                         "(no image is read; the backbone must be the one that made them)")
     p.add_argument("--classes", default=None, help=CLASSES_HELP + " (default, with --dataset hf:...: the dataset's "
                                                                   "class names)")
-    p.add_argument("--output", type=Path, required=True,
-                   help=f"the file to write, its format from its suffix: {', '.join(FORMATS)}; finished parts are kept "
-                        f"in <output>.parts/ until the end")
+    where = p.add_argument_group("where the labels go (one of)")
+    where.add_argument("--output", type=Path, default=None,
+                       help=f"one file, its format from its suffix: {', '.join(FORMATS)}; finished parts are kept in "
+                            f"<output>.parts/ and streamed into it at the end")
+    where.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="a folder of parts that reads as one table (pandas.read_parquet(DIR), DuckDB, Spark), "
+                            "written as they finish (on Ray, by the workers), with _settings.json and _summary.json "
+                            "as in 'protext features'")
+    where.add_argument("--part-format", choices=["parquet", "jsonl"], default="parquet",
+                       help="--out: the parts' format (default: %(default)s)")
+    p.add_argument("--save-features", type=Path, default=None, metavar="DIR",
+                   help="also keep the image features, from the same forward pass, in this folder (the parts of "
+                        "'protext features', resumable alike)")
     p.add_argument("--top-k", type=int, default=3, help="labels and probabilities per image (default: %(default)s)")
     p.add_argument("--min-prob", type=float, default=None,
                    help="below this top probability the label is 'unknown' (the top-k columns keep the real labels)")
@@ -604,8 +621,22 @@ def _label(args: argparse.Namespace) -> None:
     from .descriptions import read_class_list
     from .label import label, label_features, output_format
 
-    output_format(args.output)
-    _writable(args.output, "--output")
+    if (args.output is None) == (args.out is None):
+        raise ProtextError("give where the labels go: --output FILE (one file) or --out DIR (a folder of parts)")
+    if args.output is not None:
+        output_format(args.output)
+        _writable(args.output, "--output")
+    else:
+        if args.transductive or args.features is not None:
+            raise ProtextError("--out DIR writes parts of a job over images; with --features or --transductive give "
+                               "--output FILE")
+        _writable(args.out, "--out", folder=True)
+    if args.save_features is not None:
+        if args.transductive or args.features is not None:
+            raise ProtextError("--save-features keeps the features of images being labelled; with --features or "
+                               "--transductive they are there already")
+        _writable(args.save_features, "--save-features", folder=True)
+    destination = {"out": args.out, "part_format": "." + args.part_format, "save_features": args.save_features}
     hub = _hub_inputs(args)
     if args.classes is None and (hub is None or hub.classes is None):
         raise ProtextError("give the label set: --classes FILE or a,b,c")
@@ -627,18 +658,20 @@ def _label(args: argparse.Namespace) -> None:
     elif hub is not None:
         report = label(_classifier(args, classes), [hub.image(i) for i in range(len(hub))], args.output, **common,
                        batch_size=args.batch_size, workers=args.workers, part_size=args.part_size,
-                       max_pixels=args.max_pixels)
+                       max_pixels=args.max_pixels, **destination)
     elif not args.paths:
         raise ProtextError("give the images to label (PATH ...), --dataset hf:..., or --features DIR")
     elif args.engine == "ray":
         from .distributed import label_on_ray
 
         job = _ray_job(args)
-        report = label_on_ray(_classifier(args, classes), _collect(args.paths), args.output, **common, **job)
+        inputs = _inputs(args.paths, args.part_size)
+        report = label_on_ray(_classifier(args, classes), inputs, args.output, **common, **job, **destination)
     else:
-        report = label(_classifier(args, classes), _collect(args.paths), args.output, **common,
+        inputs = _inputs(args.paths, args.part_size)
+        report = label(_classifier(args, classes), inputs, args.output, **common,
                        batch_size=args.batch_size, workers=args.workers, part_size=args.part_size,
-                       max_pixels=args.max_pixels)
+                       max_pixels=args.max_pixels, **destination)
     _print_report(report)
 
 
@@ -667,7 +700,7 @@ def _label_transductive(args: argparse.Namespace, classes: list[str], hub, ctx: 
         if hub is None and not args.paths:
             raise ProtextError("give the images to label (PATH ...), --dataset hf:..., or --features DIR")
         clf = _classifier(args, classes)
-        items = [hub.image(i) for i in range(len(hub))] if hub is not None else _collect(args.paths)
+        items = [hub.image(i) for i in range(len(hub))] if hub is not None else _inputs(args.paths, args.part_size)
         made = folder = args.output.with_name(args.output.name + ".features")
         write_features(clf.backbone, items, folder, batch_size=args.batch_size, workers=args.workers,
                        part_size=args.part_size, ctx=ctx, max_pixels=args.max_pixels)
@@ -714,7 +747,7 @@ def _features(args: argparse.Namespace) -> None:
     hub = _hub_inputs(args)
     if hub is None and not args.paths:
         raise ProtextError("give the images (PATH ...) or --dataset hf:...")
-    paths = [hub.image(i) for i in range(len(hub))] if hub is not None else _collect(args.paths)
+    paths = [hub.image(i) for i in range(len(hub))] if hub is not None else _inputs(args.paths, args.part_size)
     if args.engine == "ray":
         from .distributed import features_on_ray
 

@@ -1,42 +1,45 @@
-"""`protext label` and `protext features` with `--engine ray`: the same output as the single-machine
-path, from the machines of a Ray cluster.
+"""`protext label` and `protext features` with `--engine ray`: the same folders as the single-machine
+path, written by the machines of a Ray cluster.
 
-The driver cuts the image list into the same parts as the single-machine engine (`engine.spans`;
-for labels, the class embeddings are built once on the driver: the text side never leaves it).
-Ray Data runs the rest: images are read and decoded in Ray tasks (local paths, or any filesystem
-pyarrow opens: s3://, gs://, ... when the filesystem's packages are installed), and the image
-tower runs in a pool of actors, each of which loads it once (on a GPU when the cluster has them).
-The driver writes each finished part atomically into the same `parts.PartFolder` the
-single-machine path writes, so:
+The driver opens the job exactly as the single-machine path does (`label.open_job`,
+`feature_folder.open_folder`: the same parts, settings and checks; for labels the class
+embeddings are built once on the driver, so the text side never leaves it) and then only hands
+out part numbers. A pool of `PartWorker` actors, each holding the image tower (on a GPU when
+it is given one), computes a part the way the single-machine engine does (`engine.run`: its own
+decoding threads, the same batches) and writes it, atomically, straight into the shared output
+folder, returning a few numbers. So:
 
-- a rerun after a failure computes only the parts not yet written, on either engine;
-- a task or actor that dies is retried by Ray, and a part file is whole or absent, so no row
-  is ever written twice;
-- the output is the same as the single-machine path's, row for row.
+- nothing grows on the driver with the number of images: a manifest (`inputs.Manifest`) is read
+  by the workers a part at a time, and the rows never pass through the driver until
+  `--output FILE` streams the finished parts into one file (none with `--out DIR`);
+- the parts are the single-machine path's, byte for byte up to float rounding, and a rerun on
+  either engine computes only the parts not yet written;
+- an actor whose process or machine dies is restarted (elsewhere) and its part computed again;
+  a part file is whole or absent, so no row is ever written twice.
+
+The output folders must be reachable at the same path from every machine (a shared or network
+file system); the images and manifests may be local to it too, or any filesystem pyarrow opens
+(`s3://`, `gs://`, ...).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .backbone import Backbone, load_backbone
-from .cache import to_json
 from .classifier import ProTextClassifier
 from .context import Context
-from .engine import JobReport, default_batch_size, spans
+from .engine import MAX_LISTED, JobReport, check_counts, default_batch_size, run
 from .errors import ProtextError
-from .feature_folder import open_folder, part_bytes, summarise
-from .images import MAX_PIXELS, UnreadableImage, is_uri, load_pixels
-from .label import finish, row, start
-from .parts import PartFolder, jsonl
+from .feature_folder import features_part, open_folder, summarise
+from .images import MAX_PIXELS
+from .inputs import Inputs, ListInputs, as_inputs, parts_of
+from .label import LabelJob, open_job, part_rows, rows_bytes
+from .parts import PartFolder
 
 
 def _single_view(clf: ProTextClassifier) -> None:
@@ -45,8 +48,8 @@ def _single_view(clf: ProTextClassifier) -> None:
                            f"make; run it on the local engine")
 
 
-def _paths_only(paths: Sequence) -> None:
-    if any(not isinstance(p, (str, Path)) for p in paths[:1000]):
+def _paths_only(inputs: Inputs) -> None:
+    if isinstance(inputs, ListInputs) and any(not isinstance(p, (str, Path)) for p in inputs.items[:1000]):
         raise ProtextError("--engine ray reads files and URIs; rows of a dataset (--dataset hf:...) run on the "
                            "local engine")
 
@@ -55,186 +58,167 @@ def ray_module():
     """Ray, or an error that says how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError as e:
         raise ProtextError("--engine ray needs Ray: pip install 'protext[ray]' (or pip install 'ray[data]')") from e
     return ray
 
 
-def decode(batch: dict, size, mean: Sequence[float], std: Sequence[float], max_pixels: int = MAX_PIXELS) -> dict:
-    """A Ray Data task: the files at `source` -> preprocessed pixels, or the reason an image is
-    unreadable (its pixels zeros of the same shape, so that every batch stacks alike)."""
-    pixels, errors = [], []
-    for path, source in zip(batch["path"], batch["source"]):
-        try:
-            pixels.append(load_pixels(str(source), size, mean, std, max_pixels).numpy())
-            errors.append("")
-        except UnreadableImage as e:
-            pixels.append(None)
-            errors.append(str(e).replace(str(source), str(path)))  # the reason as the local path words it
-    if any(p is None for p in pixels):
-        blank = np.zeros(load_pixels(Image.new("RGB", (8, 8)), size, mean, std).shape, np.float32)
-        pixels = [blank if p is None else p for p in pixels]
-    batch["pixels"] = np.stack(pixels)
-    batch["error"] = np.array(errors, dtype=object)
-    return batch
+class PartWorker:
+    """A Ray actor: the image tower, loaded once, and the job's folders; computes and writes whole parts.
 
+    `label` (classes, class embeddings, head, activation, top_k, min_prob, part format), when given,
+    makes it a labelling worker; `folders` are (folder, role) with role "labels" or "features"."""
 
-class TowerActor:
-    """A Ray Data actor holding the image tower, loaded once per actor (on its GPU when it has one)."""
-
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str = "fp32"):
+    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str,
+                 folders: list[tuple[str, str]], inputs: Inputs | None, label: dict | None,
+                 batch_size: int | None, threads: int | None, max_pixels: int):
         device = "cpu" if precision == "int8" or not torch.cuda.is_available() else "cuda"  # int8: CPU kernels
-        self.backbone = load_backbone(backbone, revision, device, precision=precision)
+        self.backbone = load_backbone(backbone, revision, device, progress=False, precision=precision)
         if self.backbone.image is None or self.backbone.image.fingerprint() != fingerprint:
             raise ProtextError(f"backbone '{backbone}' on this worker has other image weights than on the driver")
+        self.folders = [(PartFolder(path, ".parquet" if role == "features" else label["part_format"]), role)
+                        for path, role in folders]
+        self.inputs, self.label = inputs, label
+        self.batch_size, self.threads, self.max_pixels = batch_size, threads, max_pixels
+        self.clf = None
+        if label is not None:
+            self.clf = ProTextClassifier.from_weights(self.backbone, label["classes"], label["weights"], label["head"])
 
-    def features(self, batch: dict) -> tuple[list[int], torch.Tensor]:
-        """The decoded images' positions in the batch and their features, on the CPU."""
-        ok = [i for i, e in enumerate(batch["error"]) if not e]
-        if not ok:
-            return ok, torch.empty(0)
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.backbone.device)
-        with torch.no_grad():
-            return ok, self.backbone.image(pixels).cpu()
+    def compute(self, index: int, part_size: int, given=None) -> dict:
+        """Part `index` (its inputs `given`, else read from the job's manifest), into every folder
+        named by `need`; returns its records and the names of its unreadable inputs."""
+        given = given if given is not None else self.inputs.part(index, part_size)
+        head = None if self.clf is None else (lambda f: self.clf.probabilities(f, self.label["activation"]))
+        part = next(run(self.backbone, [(index, given.items)], self.batch_size, self.threads, head,
+                        max_pixels=self.max_pixels))
+        records = []
+        for folder, role in self.folders:
+            if role == "features":
+                data = features_part(part, given, self.backbone.text.feature_dim, self.label_columns())
+            else:
+                rows = part_rows(part, given, self.clf.classes, self.label["top_k"], self.label["min_prob"],
+                                 self.label["columns"])
+                data = rows_bytes(rows, self.label["part_format"], self.label["out_columns"])
+            folder.write(index, data, len(given.names), part.unreadable)
+            records.append(folder.records[index])
+        unreadable = [(n, e) for n, e in zip(given.names, part.errors) if e is not None][:MAX_LISTED]
+        return {"index": index, "records": records, "unreadable": unreadable}
 
-
-class Classify(TowerActor):
-    """Scores decoded images against the class embeddings; one JSON row per image."""
-
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str, classes: list[str],
-                 weights: torch.Tensor, head: str, activation: str, top_k: int, min_prob: float | None):
-        TowerActor.__init__(self, backbone, revision, fingerprint, precision)  # named: a subclass Ray ships by value still finds it
-        self.clf = ProTextClassifier.from_weights(self.backbone, classes, weights, head)
-        self.activation, self.top_k, self.min_prob = activation, top_k, min_prob
-
-    def __call__(self, batch: dict) -> dict:
-        ok, feats = self.features(batch)
-        probs = dict(zip(ok, self.clf.probabilities(feats, self.activation))) if ok else {}
-        rows = [row(str(p), probs.get(i), self.clf.classes, self.top_k, self.min_prob, batch["error"][i] or None)
-                for i, p in enumerate(batch["path"])]
-        return {"part": batch["part"], "index": batch["index"],
-                "row": np.array([to_json(r, indent=None) for r in rows], dtype=object)}
-
-
-class Embed(TowerActor):
-    """The decoded images' features (zeros where unreadable, the reason in `error`)."""
-
-    def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str, dim: int):
-        TowerActor.__init__(self, backbone, revision, fingerprint, precision)  # named: a subclass Ray ships by value still finds it
-        self.dim = dim
-
-    def __call__(self, batch: dict) -> dict:
-        ok, feats = self.features(batch)
-        out = np.zeros((len(batch["path"]), self.dim), np.float32)
-        if ok:
-            out[ok] = feats.numpy()
-        return {"part": batch["part"], "index": batch["index"], "path": batch["path"], "feature": out,
-                "error": batch["error"]}
+    def label_columns(self) -> dict[str, str]:
+        return self.inputs.columns if self.inputs is not None else (self.label or {}).get("columns", {})
 
 
-def _run(names: Sequence[str], folder: PartFolder, part_size: int, tower, actor: type, actor_args: tuple, save, *,
-         address: str | None, workers: int, num_gpus_per_worker: float, batch_size: int | None,
-         runtime_env: dict | None,
-         desc: str, ctx: Context, max_pixels: int = MAX_PIXELS) -> tuple[int, int, float]:
-    """The parts `folder` lacks: decode their images in Ray tasks, run `actor` on them in a pool of
-    `workers` actors, and call `save(part, records)` on the driver as soon as all of a part's
-    records are back, in input order (each record: the actor's columns). Returns (images
-    processed, reused, seconds). `batch_size` None: `engine.default_batch_size` for the workers' device.
-
-    Workers read each image from its absolute path (a relative one would be resolved in the
-    worker's own folder), while `path` keeps the spelling the user gave, for the output."""
-    batch_size = default_batch_size(batch_size, "cuda" if num_gpus_per_worker > 0 else "cpu")
-    layout = spans(len(names), part_size)
-    todo = folder.missing(range(len(layout)))
-    processed = sum(len(layout[p]) for p in todo)
-    started = time.perf_counter()
+def _run(inputs: Inputs, folders: Sequence[tuple[PartFolder, str]], part_size: int, backbone: Backbone,
+         label: dict | None, *, address: str | None, workers: int, num_gpus_per_worker: float,
+         batch_size: int | None, runtime_env: dict | None, desc: str, ctx: Context, max_pixels: int = MAX_PIXELS,
+         threads: int | None = None, cpus_per_worker: float = 1) -> tuple[int, int, float, JobReport]:
+    """The parts any of `folders` lacks, computed by `workers` `PartWorker` actors, at most two parts
+    each in flight. Returns (images processed, reused, seconds, the unreadable inputs noted)."""
+    count = parts_of(inputs, part_size)
+    todo = sorted(set().union(*(folder.missing(range(count)) for folder, _ in folders)))
+    processed = sum(min(part_size, inputs.images - i * part_size) for i in todo)
+    notes = JobReport(folders[0][0].folder, inputs.images, processed, inputs.images - processed)
     if not todo:
-        return 0, len(names), 0.0
+        return 0, inputs.images, 0.0, notes
     ray = ray_module()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    items = [{"part": p, "index": k, "path": names[i],
-              "source": names[i] if is_uri(names[i]) else str(Path(names[i]).resolve())}
-             for p in todo for k, i in enumerate(layout[p])]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
-    decoded = dataset.map_batches(decode, fn_kwargs={"size": tower.image_size, "mean": tower.mean, "std": tower.std,
-                                                     "max_pixels": max_pixels},
-                                  batch_size=batch_size, batch_format="numpy")
-    # Ray Data restarts a dead actor and retries its batches by default (max_restarts and
-    # max_task_retries of -1); a batch's rows reach the driver once, from the try that finished.
-    done = decoded.map_batches(actor, fn_constructor_args=actor_args, batch_size=batch_size, batch_format="numpy",
-                               compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus_per_worker,
-                               **({"runtime_env": runtime_env} if runtime_env else {}))
-    pending: dict[int, dict[int, dict]] = defaultdict(dict)
-    with ctx.bar(len(items), desc, "img") as bar:
-        for batch in done.iter_batches(batch_format="numpy", batch_size=None):
-            for j in range(len(batch["part"])):
-                part = int(batch["part"][j])
-                pending[part][int(batch["index"][j])] = {k: v[j] for k, v in batch.items()}
-                if len(pending[part]) == len(layout[part]):
-                    records = pending.pop(part)
-                    save(part, [records[k] for k in sorted(records)])
-            bar.update(len(batch["part"]))
-    if pending:
-        raise ProtextError(f"Ray returned no rows for {sum(len(layout[p]) - len(r) for p, r in pending.items())} "
-                           f"images; rerun to compute them")
-    return processed, len(names) - processed, time.perf_counter() - started
+    if cpus_per_worker <= 0:
+        raise ProtextError(f"--cpus-per-worker must be above 0, got {cpus_per_worker}")
+    started = time.perf_counter()
+    tower = backbone.image
+    shared = None if isinstance(inputs, ListInputs) else inputs  # a list travels a part at a time
+    # Ray restarts an actor whose process or node died and retries its calls there: a part is computed again
+    actor = ray.remote(PartWorker).options(max_restarts=-1, max_task_retries=-1, num_gpus=num_gpus_per_worker,
+                                           num_cpus=cpus_per_worker, scheduling_strategy="SPREAD",
+                                           **({"runtime_env": runtime_env} if runtime_env else {}))
+    args = (backbone.name, backbone.revision, tower.fingerprint(), tower.precision,
+            [(str(Path(f.folder).resolve()), role) for f, role in folders], shared, label,
+            default_batch_size(batch_size, "cuda" if num_gpus_per_worker > 0 else "cpu"), threads, max_pixels)
+    pool = [actor.remote(*args) for _ in range(workers)]
+    pending: dict = {}
+    queue = list(reversed(todo))
+    free = [a for a in pool for _ in range(2)]
+
+    def submit() -> None:
+        while queue and free:
+            index, worker = queue.pop(), free.pop()
+            given = None if shared is not None else inputs.sources(index, part_size)
+            pending[worker.compute.remote(index, part_size, given)] = (index, worker)
+
+    try:
+        with ctx.bar(processed, desc, "img") as bar:
+            submit()
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                index, worker = pending.pop(done[0])
+                result = ray.get(done[0])
+                for (folder, _), record in zip(folders, result["records"]):
+                    folder.records[index] = record
+                for name, reason in result["unreadable"]:
+                    notes.note(name, reason)
+                bar.update(min(part_size, inputs.images - index * part_size))
+                free.append(worker)
+                submit()
+    finally:
+        for worker in pool:
+            ray.kill(worker)
+    return processed, inputs.images - processed, time.perf_counter() - started, notes
 
 
-def label_on_ray(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int = 3,
-                 min_prob: float | None = None, activation: str = "softmax", address: str | None = None,
-                 workers: int = 2, num_gpus_per_worker: float = 0, batch_size: int | None = None, part_size: int = 512,
-                 ctx: Context = Context(), runtime_env: dict | None = None, max_pixels: int = MAX_PIXELS) -> JobReport:
-    """Label `paths` on a Ray cluster (`address`: "auto", "ray://host:port", or None for a local
-    instance) into `output`, resuming from the parts an earlier run (on either engine) wrote.
-    `workers` is the number of classifying actors (and decoding tasks at once); `runtime_env` is
-    Ray's, for the actors (packages or environment variables the cluster's machines need)."""
+def label_on_ray(clf: ProTextClassifier, paths: Sequence | Inputs, output: Path | None = None,
+                 top_k: int = 3, min_prob: float | None = None, activation: str = "softmax",
+                 address: str | None = None, workers: int = 2, num_gpus_per_worker: float = 0,
+                 batch_size: int | None = None, part_size: int = 512, ctx: Context = Context(),
+                 runtime_env: dict | None = None, max_pixels: int = MAX_PIXELS, *, out: Path | None = None,
+                 part_format: str = ".parquet", save_features: Path | None = None,
+                 threads: int | None = None, cpus_per_worker: float = 1) -> JobReport:
+    """Label `paths` (or a manifest) on a Ray cluster (`address`: "auto", "ray://host:port", or None
+    for a local instance) into `output` or the folder `out`, resuming from the parts an earlier run
+    (on either engine) wrote; `save_features` as in `label.label`. `workers` is the number of
+    actors, each reserving `cpus_per_worker` CPUs (Ray gives it as many torch threads) and decoding
+    with `threads` threads (default: as many as the machine's CPUs, at most 8); `runtime_env` is
+    Ray's, for the actors."""
     ray_module()
-    _paths_only(paths)
     _single_view(clf)
-    output = Path(output)
-    fmt, names, folder = start(clf, paths, output, top_k, min_prob, activation, part_size,
-                               {"--workers": workers, "--batch-size": batch_size})
-    tower = clf.backbone.image
-    args = (clf.backbone.name, clf.backbone.revision, tower.fingerprint(), tower.precision, clf.classes, clf.weights,
-            clf.head,
-            activation, top_k, min_prob)
-
-    def save(part: int, records: list[dict]) -> None:
-        rows = [json.loads(r["row"]) for r in records]
-        folder.write(part, jsonl(rows), len(rows), sum(r["error"] is not None for r in rows))
-
-    processed, reused, seconds = _run(names, folder, part_size, tower, Classify, args, save, address=address,
-                                      workers=workers, num_gpus_per_worker=num_gpus_per_worker,
-                                      batch_size=batch_size, runtime_env=runtime_env, desc="labelling (ray)", ctx=ctx,
-                                      max_pixels=max_pixels)
-    return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
-                  seconds)
+    job = open_job(clf, paths, output, top_k, min_prob, activation, part_size,
+                   {"--workers": workers, "--batch-size": batch_size}, out=out, part_format=part_format,
+                   save_features=save_features)
+    _paths_only(job.inputs)
+    return _label(job, address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
+                  batch_size=batch_size, ctx=ctx, runtime_env=runtime_env, max_pixels=max_pixels, threads=threads,
+                  cpus_per_worker=cpus_per_worker)
 
 
-def features_on_ray(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, part_size: int = 1024,
-                    address: str | None = None, workers: int = 2, num_gpus_per_worker: float = 0,
-                    batch_size: int | None = None, ctx: Context = Context(), runtime_env: dict | None = None,
-                    max_pixels: int = MAX_PIXELS) -> JobReport:
+def _label(job: LabelJob, **options) -> JobReport:
+    from .label import out_columns
+
+    part_format = ".jsonl" if job.output is not None else job.fmt
+    label = {"classes": job.clf.classes, "weights": job.clf.weights, "head": job.clf.head,
+             "activation": job.activation, "top_k": job.top_k, "min_prob": job.min_prob, "part_format": part_format,
+             "columns": job.columns, "out_columns": out_columns(job.columns)}
+    folders = [(job.folder, "labels")] + ([(job.features, "features")] if job.features is not None else [])
+    processed, reused, seconds, notes = _run(job.inputs, folders, job.part_size, job.clf.backbone, label,
+                                             desc="labelling (ray)", **options)
+    return job.finish(processed, reused, seconds, notes)
+
+
+def features_on_ray(backbone: Backbone, paths: Sequence | Inputs, out: str | Path,
+                    part_size: int = 1024, address: str | None = None, workers: int = 2,
+                    num_gpus_per_worker: float = 0, batch_size: int | None = None, ctx: Context = Context(),
+                    runtime_env: dict | None = None, max_pixels: int = MAX_PIXELS,
+                    threads: int | None = None, cpus_per_worker: float = 1) -> JobReport:
     """`feature_folder.write_features` on a Ray cluster: the same parts (one per `part_size` inputs),
     resumed the same way; the other arguments as in `label_on_ray`."""
     ray_module()
-    _paths_only(paths)
-    names = [str(p) for p in paths]
-    folder = open_folder(backbone, names, Path(out), part_size, {"--workers": workers, "--batch-size": batch_size})
-    dim = folder.settings["dim"]
+    inputs = as_inputs(paths)
+    _paths_only(inputs)
+    check_counts({"--threads": threads})
+    folder = open_folder(backbone, inputs, Path(out), part_size, {"--workers": workers, "--batch-size": batch_size})
+    processed, reused, seconds, notes = _run(inputs, [(folder, "features")], part_size, backbone, None,
+                                             address=address, workers=workers,
+                                             num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size,
+                                             runtime_env=runtime_env, desc="image features (ray)", ctx=ctx,
+                                             max_pixels=max_pixels, threads=threads, cpus_per_worker=cpus_per_worker)
+    return summarise(folder, inputs.images, processed, reused, seconds, notes if reused == 0 else None)
 
-    def save(part: int, records: list[dict]) -> None:
-        errors = [str(r["error"]) or None for r in records]
-        folder.write(part, part_bytes([str(r["path"]) for r in records], np.stack([r["feature"] for r in records]),
-                                      errors, dim), len(records), sum(e is not None for e in errors))
-
-    tower = backbone.image
-    processed, reused, seconds = _run(names, folder, part_size, tower, Embed,
-                                      (backbone.name, backbone.revision, tower.fingerprint(), tower.precision, dim),
-                                      save,
-                                      address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
-                                      batch_size=batch_size, runtime_env=runtime_env, desc="image features (ray)",
-                                      ctx=ctx, max_pixels=max_pixels)
-    return summarise(folder, len(names), processed, reused, seconds)

@@ -5,13 +5,15 @@ Every command that reads images goes through here: `label`, `features`, `eval`'s
 set of rules for what an input is, what an unreadable image is, how images are batched and what
 a rerun resumes from.
 
-- `collect` lists inputs: image files, folders (recursive), CSV lists of paths, URIs.
+- `inputs.collect` lists inputs: image files, folders (recursive), CSV lists of paths, URIs.
 - `run` turns spans of inputs, (part index, items), into `Part`s: decoding runs in threads a
   bounded window ahead of the model (PIL and torch release the GIL), readable images are batched
   (at most `batch_size`, never across two parts) through the image tower, and an optional `head`
   scores each batch as it comes out (`label` turns features into probabilities there).
-- `run_job` is the resumable job of `label` and `features` on one machine: the parts a
-  `parts.PartFolder` lacks are computed and each is saved, atomically, as soon as it is done.
+- `run_job` is the resumable job of `label` and `features` on one machine: the parts its
+  `parts.PartFolder`s lack are computed (their inputs read from `inputs.ListInputs` or an
+  `inputs.Manifest` a part at a time) and each is saved, atomically, as soon as it is done: one
+  forward pass can fill two folders (`label --save-features`).
 
 The unit a rerun resumes from is the part: part N holds inputs N*part_size .. (N+1)*part_size-1,
 the same on both engines.
@@ -19,15 +21,12 @@ the same on both engines.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
-from urllib.parse import urlsplit
 
 import torch
 from PIL import Image
@@ -35,90 +34,13 @@ from PIL import Image
 from .backbone import Backbone
 from .context import Context
 from .errors import ProtextError
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, decode_ahead, is_uri, list_images, list_uri_images, read_uri
+from .images import MAX_PIXELS, decode_ahead
+from .inputs import Inputs, PartInputs, parts_of
 from .parts import PartFolder
 
 Item = str | Path | Image.Image | torch.Tensor
+Encoder = Callable[["Part", PartInputs], bytes]  # a computed part -> the bytes of its file in one folder
 MAX_LISTED = 10_000  # unreadable inputs a report names (it counts them all)
-
-
-# -- listing inputs -----------------------------------------------------------------------
-
-def collect(inputs: Sequence[str | Path], notes: list[str] | None = None) -> list[str | Path]:
-    """Image paths from folders (recursive), files, CSV files listing paths, and URIs.
-
-    A CSV's paths are its `path` column when a header row names one, else its first column;
-    relative paths are relative to the CSV. URIs (s3://bucket/key.jpg, gs://..., file://...)
-    work the same way, in the arguments or a CSV, through pyarrow's filesystems: an image URI
-    stays a string, read later (`images.open_image`); a CSV URI is read and a folder URI
-    (prefix) listed here. Paths appear once, in the order first given. A path that does not
-    exist is kept: it is reported as unreadable, like any other bad file. Links to folders are
-    followed; dangling and looping links are skipped and said in `notes`.
-    """
-    paths: list[str | Path] = []
-    for item in inputs:
-        if is_uri(str(item)):
-            paths.extend(_uri_paths(str(item)))
-            continue
-        item = Path(item)
-        if item.is_dir():
-            found = list_images(item, notes)
-            if not found:
-                raise ProtextError(f"{item}: no image files in this folder or below")
-            paths.extend(found)
-        elif item.suffix.lower() == ".csv":
-            paths.extend(_csv_paths(item))
-        else:
-            paths.append(item)
-    return list(dict.fromkeys(paths))
-
-
-def _uri_paths(uri: str) -> list[str]:
-    """A URI: one image (by its suffix; read later, so a missing one is a row, not a stop), a
-    CSV list of paths (relative ones relative to it, absolute ones on its filesystem), or a
-    folder (prefix) searched recursively."""
-    if Path(urlsplit(uri).path).suffix.lower() in IMAGE_SUFFIXES:
-        return [uri]
-    try:
-        if uri.lower().endswith(".csv"):
-            text = read_uri(uri).decode("utf-8-sig")
-            parts = urlsplit(uri)
-            return [p if is_uri(p) else f"{parts.scheme}://{parts.netloc}{p}" if p.startswith("/")
-                    else f"{uri.rsplit('/', 1)[0]}/{p}" for p in _csv_rows(text, uri)]
-        found = list_uri_images(uri)
-    except ProtextError:
-        raise
-    except Exception as e:  # missing pyarrow or filesystem packages, credentials, network
-        raise ProtextError(f"{uri}: cannot be listed or read ({e.__class__.__name__}: {e})") from e
-    if found == []:
-        raise ProtextError(f"{uri}: no image files below this folder")
-    return [uri] if found is None else found
-
-
-def _csv_paths(path: Path) -> list[str | Path]:
-    if not path.is_file():
-        raise ProtextError(f"{path}: no such CSV file (expected a list of image paths)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ProtextError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
-    return [p if is_uri(p) else path.parent / p for p in _csv_rows(text, path)]
-
-
-def _csv_rows(text: str, path: Path | str) -> list[str]:
-    """The paths a CSV lists: its `path` column when a header names one, else its first."""
-    try:
-        rows = [row for row in csv.reader(io.StringIO(text)) if "".join(row).strip()]
-    except csv.Error as e:
-        raise ProtextError(f"{path}: not a readable UTF-8 CSV file ({e})") from e
-    column = 0
-    if rows and "path" in [c.strip().lower() for c in rows[0]]:
-        column = [c.strip().lower() for c in rows[0]].index("path")
-        rows = rows[1:]
-    bad = [i for i, row in enumerate(rows) if len(row) <= column or not row[column].strip()]
-    if bad:
-        raise ProtextError(f"{path}: row {bad[0] + 1} of the data has no path in column {column + 1}")
-    return [row[column].strip() for row in rows]
 
 
 # -- images through the tower ----------------------------------------------------------------
@@ -256,23 +178,30 @@ def check_counts(counts: dict[str, int | None]) -> None:
             raise ProtextError(f"{name} must be at least 1, got {value}")
 
 
-def run_job(backbone: Backbone, names: Sequence[str], folder: PartFolder, part_size: int,
-            encode: Callable[[Part, list[str]], bytes], *, items: Sequence[Item] | None = None,
-            batch_size: int | None = None, workers: int | None = None,
+def run_job(backbone: Backbone, inputs: Inputs, outputs: Sequence[tuple[PartFolder, Encoder]],
+            part_size: int, *, batch_size: int | None = None, workers: int | None = None,
             head: Callable[[torch.Tensor], torch.Tensor] | None = None, ctx: Context = Context(),
             desc: str = "images", max_pixels: int = MAX_PIXELS,
             augment: tuple[int, int] | None = None) -> tuple[int, int, float]:
-    """Compute the parts `folder` lacks and save each with `encode(part, its names)`; returns
-    (images processed, images reused, seconds). `items` are what is decoded (default: the names,
-    as paths or URIs; a dataset's rows otherwise)."""
-    items = names if items is None else items
-    layout = spans(len(names), part_size)
-    work = [(i, layout[i]) for i in folder.missing(range(len(layout)))]
-    processed = sum(len(r) for _, r in work)
+    """Compute the parts that any of the `outputs` folders lacks, and save each into every folder that
+    lacks it with that folder's `encode(part, its inputs)`; returns (images processed, images
+    reused, seconds). Each part's inputs are read (`inputs.part`) only when it is computed, so
+    memory holds the parts in flight, never the whole input."""
+    count = parts_of(inputs, part_size)
+    work = sorted(set().union(*(folder.missing(range(count)) for folder, _ in outputs)))
+    processed = sum(min(part_size, inputs.images - i * part_size) for i in work)
     started = time.perf_counter()
+    given: dict[int, PartInputs] = {}
+
+    def parts() -> Iterator[tuple[int, list[Item]]]:
+        for i in work:
+            given[i] = inputs.part(i, part_size)
+            yield i, given[i].items
+
     with ctx.bar(processed, desc, "img", show=processed > 0) as bar:
-        for part in run(backbone, ((i, [items[k] for k in r]) for i, r in work), batch_size, workers, head,
-                        bar.update, max_pixels, augment):
-            names_here = [names[k] for k in layout[part.index]]
-            folder.write(part.index, encode(part, names_here), len(names_here), part.unreadable)
-    return processed, len(names) - processed, time.perf_counter() - started
+        for part in run(backbone, parts(), batch_size, workers, head, bar.update, max_pixels, augment):
+            here = given.pop(part.index)
+            for folder, encode in outputs:
+                if not folder.done(part.index):
+                    folder.write(part.index, encode(part, here), len(here.names), part.unreadable)
+    return processed, inputs.images - processed, time.perf_counter() - started

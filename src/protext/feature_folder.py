@@ -17,6 +17,7 @@ folders hold the same rows (features equal up to float rounding of other batch s
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,11 +26,11 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .cache import sha1
 from .context import Context
-from .engine import JobReport, Part, check_counts, run_job, spans
+from .engine import MAX_LISTED, JobReport, Part, check_counts, run_job
 from .errors import ProtextError
 from .images import MAX_PIXELS
+from .inputs import Inputs, PartInputs, as_inputs
 from .parts import PartFolder
 
 
@@ -43,64 +44,87 @@ def pyarrow_modules():
     return pa, pq
 
 
-def part_bytes(names: Sequence[str], feats: np.ndarray, errors: Sequence[str | None], dim: int) -> bytes:
-    """One Parquet part: `feats` (n, dim) float32, null where `errors` has a reason."""
+def part_bytes(names: Sequence[str], feats: np.ndarray, errors: Sequence[str | None], dim: int,
+               extras: dict[str, list] | None = None, columns: dict[str, str] | None = None) -> bytes:
+    """One Parquet part: `feats` (n, dim) float32, null where `errors` has a reason; then the inputs'
+    carried `extras` (column -> values), typed by `columns` (column -> type)."""
     pa, pq = pyarrow_modules()
     if feats.shape != (len(names), dim):
         raise ProtextError(f"{len(names)} paths and features of shape {feats.shape}, expected dimension {dim}")
     values = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
     mask = pa.array([e is not None for e in errors])
     column = pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+    types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+    carried = {("input_" + c if c in ("path", "feature", "error") else c): pa.array(extras[c], types[kind])
+               for c, kind in (columns or {}).items()}
     table = pa.table({"path": pa.array(list(names), pa.string()), "feature": column,
-                      "error": pa.array(list(errors), pa.string())})
+                      "error": pa.array(list(errors), pa.string()), **carried})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
 
 
-def open_folder(backbone: Backbone, names: Sequence[str], out: Path, part_size: int,
-                counts: dict[str, int | None]) -> PartFolder:
+def open_folder(backbone: Backbone, inputs: Sequence | Inputs, out: Path, part_size: int,
+                counts: dict[str, int | None], restart: str = "or give another --out") -> PartFolder:
     """Check a features job's arguments before any image is read (`counts`: flag -> value, each at
     least 1) and open its folder; the single-machine and the Ray paths both start here."""
     pyarrow_modules()
     if backbone.image is None:
         raise ProtextError(f"backbone '{backbone.name}' has no image tower")
     check_counts({"--part-size": part_size, **counts})
-    if not names:
+    inputs = as_inputs(inputs)
+    if not inputs.images:
         raise ProtextError("no images to compute features of")
     job = {"backbone": backbone.name, "revision": backbone.revision, "image_tower": backbone.image.fingerprint(),
-           "precision": backbone.image.precision, "dim": backbone.text.feature_dim, "part_size": part_size, "images": len(names),
-           "paths_sha1": sha1("\n".join(names))}
-    return PartFolder(out, ".parquet", job, restart="or give another --out")
+           "precision": backbone.image.precision, "dim": backbone.text.feature_dim, "part_size": part_size,
+           **inputs.identity()}
+    if inputs.columns:
+        job["columns"] = inputs.columns
+    return PartFolder(out, ".parquet", job, restart=restart)
 
 
-def summarise(folder: PartFolder, images: int, processed: int, reused: int, seconds: float) -> JobReport:
-    """Write the summary of a finished folder and report, naming the unreadable files."""
-    summary = folder.finish(len(spans(images, folder.settings["part_size"])), {"dim": folder.settings["dim"]})
+def features_part(part: Part, given: PartInputs, dim: int, columns: dict[str, str] | None = None) -> bytes:
+    """A computed part as its Parquet bytes."""
+    return part_bytes(given.names, part.features.numpy(), part.errors, dim, given.extras, columns)
+
+
+def summarise(folder: PartFolder, images: int, processed: int, reused: int, seconds: float,
+              notes: JobReport | None = None) -> JobReport:
+    """Write the summary of a finished folder and report: the unreadable files counted, the first
+    `engine.MAX_LISTED` named (from `notes`, the parts computed now, else read back from the parts)."""
+    summary = folder.finish(math.ceil(images / folder.settings["part_size"]), {"dim": folder.settings["dim"]})
     report = JobReport(folder.folder, images, processed, reused, seconds=seconds)
-    if summary["unreadable"]:
+    if notes is not None and notes.unreadable == summary["unreadable"]:
+        report.unreadable_files = notes.unreadable_files
+    elif summary["unreadable"]:
         for paths, _, errors in FeatureParts(folder).parts(columns=("path", "error")):
             for p, e in zip(paths, errors):
                 report.note(p, e)
+            if len(report.unreadable_files) >= MAX_LISTED:
+                break
+    report.unreadable = summary["unreadable"]
     return report
 
 
-def write_features(backbone: Backbone, paths: Sequence[str | Path], out: str | Path, batch_size: int | None = None,
-                   workers: int | None = None, part_size: int = 1024, ctx: Context = Context(),
-                   max_pixels: int = MAX_PIXELS) -> JobReport:
-    """Image features of every path into the folder `out`, one Parquet part per `part_size` inputs;
-    resumes a killed run (see the module's docstring). Unreadable files are rows with an error."""
-    names = [str(p) for p in paths]
-    folder = open_folder(backbone, names, Path(out), part_size, {"--batch-size": batch_size, "--workers": workers})
-    dim = folder.settings["dim"]
+def write_features(backbone: Backbone, paths: Sequence | Inputs, out: str | Path,
+                   batch_size: int | None = None, workers: int | None = None, part_size: int = 1024,
+                   ctx: Context = Context(), max_pixels: int = MAX_PIXELS) -> JobReport:
+    """Image features of every input (paths, an `inputs.Manifest` or `inputs.Shards`) into the folder `out`, one Parquet
+    part per `part_size` inputs; resumes a killed run (see the module's docstring). Unreadable files
+    are rows with an error."""
+    inputs = as_inputs(paths)
+    folder = open_folder(backbone, inputs, Path(out), part_size, {"--batch-size": batch_size, "--workers": workers})
+    dim, columns = folder.settings["dim"], inputs.columns
+    notes = JobReport(folder.folder, inputs.images, 0, 0)
 
-    def encode(part: Part, names_here: list[str]) -> bytes:
-        return part_bytes(names_here, part.features.numpy(), part.errors, dim)
+    def encode(part: Part, given: PartInputs) -> bytes:
+        for name, reason in zip(given.names, part.errors):
+            notes.note(name, reason)
+        return features_part(part, given, dim, columns)
 
-    processed, reused, seconds = run_job(backbone, names, folder, part_size, encode, items=list(paths),
-                                         batch_size=batch_size,
+    processed, reused, seconds = run_job(backbone, inputs, [(folder, encode)], part_size, batch_size=batch_size,
                                          workers=workers, ctx=ctx, desc="image features", max_pixels=max_pixels)
-    return summarise(folder, len(names), processed, reused, seconds)
+    return summarise(folder, inputs.images, processed, reused, seconds, notes if reused == 0 else None)
 
 
 class FeatureParts:

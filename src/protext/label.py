@@ -19,21 +19,24 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .cache import atomic_write, sha1
+from .cache import atomic_write
 from .classifier import ProTextClassifier
 from .context import Context
 from .descriptions import normalize_name
-from .engine import JobReport, Part, check_counts, run_job, spans
+from .engine import JobReport, Part, check_counts, run_job
+from .feature_folder import features_part, open_folder, summarise
 from .errors import ProtextError
-from .hub_datasets import HubImage
 from .images import MAX_PIXELS
+from .inputs import Inputs, PartInputs, as_inputs, parts_of
 from .parts import PartFolder, jsonl
 from .transductive import Arrays, TransductiveSettings, refine
 
@@ -76,10 +79,37 @@ def row(path: str, probs: torch.Tensor | None, classes: Sequence[str], top_k: in
             "error": None}
 
 
-def part_rows(part: Part, names: Sequence[str], classes: Sequence[str], top_k: int,
-              min_prob: float | None) -> list[dict]:
-    return [row(n, None if e else part.scores[j], classes, top_k, min_prob, e)
-            for j, (n, e) in enumerate(zip(names, part.errors))]
+ROW_COLUMNS = ("path", "label", "prob", "top_labels", "top_probs", "error", "transductive")
+PART_FORMATS = (".parquet", ".jsonl")
+
+
+def carried(columns: dict[str, str]) -> dict[str, str]:
+    """Input column -> its name in the rows: its own, or `input_NAME` where a row column has that name
+    (a manifest's ground-truth `label` becomes `input_label`)."""
+    return {c: f"input_{c}" if c in ROW_COLUMNS else c for c in columns}
+
+
+def part_rows(part: Part, given: PartInputs, classes: Sequence[str], top_k: int, min_prob: float | None,
+              columns: dict[str, str] | None = None) -> list[dict]:
+    """A part's rows, with the inputs' carried columns after the label columns."""
+    names = carried(columns or {})
+    out = []
+    for j, (n, e) in enumerate(zip(given.names, part.errors)):
+        r = row(n, None if e else part.scores[j], classes, top_k, min_prob, e)
+        for c, name in names.items():
+            r[name] = given.extras[c][j]
+        out.append(r)
+    return out
+
+
+def rows_bytes(rows: list[dict], fmt: str, columns: dict[str, str] | None = None) -> bytes:
+    """One part of rows as a file: JSON lines, or a Parquet table (`--out DIR` parts)."""
+    if fmt == ".jsonl":
+        return jsonl(rows)
+    pa, pq = _pyarrow()
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=_schema(pa, columns=columns)), sink)
+    return sink.getvalue()
 
 
 def check_job(clf: ProTextClassifier, top_k: int, min_prob: float | None, activation: str,
@@ -95,54 +125,143 @@ def check_job(clf: ProTextClassifier, top_k: int, min_prob: float | None, activa
             raise ProtextError(f"a class is named '{UNKNOWN}', the label --min-prob gives uncertain images; rename it")
 
 
-def start(clf: ProTextClassifier, paths: Sequence[str | Path], output: Path, top_k: int, min_prob: float | None,
-          activation: str, part_size: int, counts: dict[str, int | None]) -> tuple[str, list[str], PartFolder]:
-    """Check a labelling job before any image is read and open its parts; returns the output format,
-    the inputs as strings and the folder. The single-machine and Ray engines both start here."""
-    fmt = output_format(output)
+@dataclass
+class LabelJob:
+    """A labelling job, checked and opened before any image is read; both engines run one.
+
+    Its rows go to `output` (one file, streamed from `<output>.parts/` at the end) or stay in `out`
+    (a folder of Parquet or JSONL parts that reads as one table); with `features`, the image
+    features of the same forward pass go to that feature folder too."""
+
+    clf: ProTextClassifier
+    inputs: Inputs
+    top_k: int
+    min_prob: float | None
+    activation: str
+    part_size: int
+    folder: PartFolder
+    fmt: str  # the output file's suffix, or the parts' (out)
+    output: Path | None = None
+    out: Path | None = None
+    features: PartFolder | None = None
+
+    @property
+    def parts(self) -> int:
+        return parts_of(self.inputs, self.part_size)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return self.inputs.columns
+
+    def outputs(self) -> list[tuple[PartFolder, Callable[[Part, PartInputs], bytes]]]:
+        """(folder, encoder) of every folder the job writes a part into."""
+        classes, top_k, min_prob, columns = self.clf.classes, self.top_k, self.min_prob, self.columns
+        part_format = ".jsonl" if self.output is not None else self.fmt
+        found = [(self.folder, lambda part, given: rows_bytes(part_rows(part, given, classes, top_k, min_prob, columns),
+                                                             part_format, out_columns(columns)))]
+        if self.features is not None:
+            dim = self.features.settings["dim"]
+            found.append((self.features, lambda part, given: features_part(part, given, dim, columns)))
+        return found
+
+    def finish(self, processed: int, reused: int, seconds: float, notes: JobReport | None = None) -> JobReport:
+        """The output file streamed from the parts (then removed), or the folder's summary; the report."""
+        images = self.inputs.images
+        if self.features is not None:
+            summarise(self.features, images, processed, reused, seconds)
+        if self.output is not None:
+            return finish(self.folder, self.parts, self.output, self.fmt, self.top_k, images, processed, reused,
+                          seconds, out_columns(self.columns))
+        summary = self.folder.finish(self.parts, {"columns": out_columns(self.columns)})
+        report = notes or JobReport(self.out, images, processed, reused)
+        report.output, report.images, report.processed, report.reused, report.seconds = \
+            self.out, images, processed, reused, seconds
+        report.unreadable = summary["unreadable"]
+        return report
+
+
+def out_columns(columns: dict[str, str]) -> dict[str, str]:
+    """The carried columns by their names in the rows, with their types."""
+    return {carried(columns)[c]: kind for c, kind in columns.items()}
+
+
+def open_job(clf: ProTextClassifier, paths: Sequence | Inputs, output: Path | None, top_k: int,
+             min_prob: float | None, activation: str, part_size: int, counts: dict[str, int | None], *,
+             out: Path | None = None, part_format: str = ".parquet", save_features: Path | None = None) -> LabelJob:
+    """Check a labelling job before any image is read and open its folders; the single-machine and
+    Ray engines both start here."""
+    if (output is None) == (out is None):
+        raise ProtextError("give the labels one destination: --output FILE (one file) or --out DIR (a folder of parts)")
+    if out is not None and part_format not in PART_FORMATS:
+        raise ProtextError(f"--part-format {part_format.lstrip('.')}: choose parquet or jsonl")
+    fmt = output_format(Path(output)) if output is not None else part_format
+    if fmt == ".parquet":
+        _pyarrow()
     check_job(clf, top_k, min_prob, activation, {"--part-size": part_size, **counts})
-    names = [str(p) for p in paths]
-    if not names:
+    inputs = as_inputs(paths)
+    if not inputs.images:
         raise ProtextError("no images to label")
-    return fmt, names, open_parts(clf, names, output, top_k, min_prob, activation, part_size)
+    if clf.views and save_features is not None:
+        raise ProtextError(f"head '{clf.head}' runs the tower on augmented views; --save-features keeps one feature "
+                           f"per image: choose another head, or run protext features")
+    job = {**settings(clf, top_k, min_prob, activation), "part_size": part_size, **inputs.identity()}
+    if inputs.columns:
+        job["columns"] = inputs.columns
+    if output is not None:
+        output = Path(output)
+        folder = PartFolder(output.with_name(output.name + ".parts"), ".jsonl", job,
+                            restart=f"or delete {output.name}.parts to start over")
+    else:
+        out = Path(out)
+        folder = PartFolder(out, fmt, {**job, "part_format": fmt.lstrip(".")}, restart="or give another --out")
+    features = None
+    if save_features is not None:
+        features = open_folder(clf.backbone, inputs, Path(save_features), part_size, {},
+                               restart="or give another --save-features")
+    return LabelJob(clf, inputs, top_k, min_prob, activation, part_size, folder, fmt, output, out, features)
 
 
 def open_parts(clf: ProTextClassifier, names: Sequence[str], output: Path, top_k: int, min_prob: float | None,
                activation: str, part_size: int) -> PartFolder:
     """The folder of finished parts beside `output` (`<output>.parts/`), checked against this job."""
-    job = {**settings(clf, top_k, min_prob, activation), "part_size": part_size, "images": len(names),
-           "paths_sha1": sha1("\n".join(names))}
-    folder = output.with_name(output.name + ".parts")
-    return PartFolder(folder, ".jsonl", job, restart=f"or delete {folder} to start over")
+    return open_job(clf, names, output, top_k, min_prob, activation, part_size, {}).folder
 
 
-def label(clf: ProTextClassifier, paths: Sequence[str | Path | HubImage], output: Path, top_k: int = 3,
+def label(clf: ProTextClassifier, paths: Sequence | Inputs, output: Path | None = None, top_k: int = 3,
           min_prob: float | None = None, activation: str = "softmax", batch_size: int | None = None,
           workers: int | None = None, part_size: int = 512, ctx: Context = Context(),
-          max_pixels: int = MAX_PIXELS) -> JobReport:
-    """Label every image of `paths` with `clf` into `output` (.jsonl, .csv or .parquet); resumes a killed run.
+          max_pixels: int = MAX_PIXELS, *, out: Path | None = None, part_format: str = ".parquet",
+          save_features: Path | None = None) -> JobReport:
+    """Label every image of `paths` (a list, an `inputs.Manifest` or `inputs.Shards`) with `clf` into `output` (.jsonl,
+    .csv or .parquet) or, with `out`, into a folder of parts (`part_format` .parquet or .jsonl);
+    `save_features` also keeps the image features, from the same forward pass, in that feature
+    folder. Resumes a killed run.
 
     `activation` is softmax (probabilities over the label set) or sigmoid (each label's own, SigLIP
     only), as in `ProTextClassifier.predict`.
     """
-    output = Path(output)
-    fmt, names, folder = start(clf, paths, output, top_k, min_prob, activation, part_size,
-                               {"--batch-size": batch_size, "--workers": workers})
+    job = open_job(clf, paths, output, top_k, min_prob, activation, part_size,
+                   {"--batch-size": batch_size, "--workers": workers}, out=out, part_format=part_format,
+                   save_features=save_features)
+    notes = JobReport(job.out or job.output, job.inputs.images, 0, 0)
+    outputs = job.outputs()
+    first_folder, first_encode = outputs[0]
 
-    def encode(part: Part, names_here: list[str]) -> bytes:
-        return jsonl(part_rows(part, names_here, clf.classes, top_k, min_prob))
+    def noted(part: Part, given: PartInputs) -> bytes:
+        for name, reason in zip(given.names, part.errors):
+            notes.note(name, reason)
+        return first_encode(part, given)
 
-    processed, reused, seconds = run_job(clf.backbone, names, folder, part_size, encode, items=list(paths),
-                                         batch_size=batch_size,
-                                         workers=workers, head=lambda f: clf.probabilities(f, activation), ctx=ctx,
-                                         desc="labelling", max_pixels=max_pixels,
+    processed, reused, seconds = run_job(clf.backbone, job.inputs, [(first_folder, noted), *outputs[1:]], part_size,
+                                         batch_size=batch_size, workers=workers,
+                                         head=lambda f: clf.probabilities(f, activation), ctx=ctx, desc="labelling",
+                                         max_pixels=max_pixels,
                                          augment=(clf.views, clf.inputs.awt.seed) if clf.views else None)
-    return finish(folder, len(spans(len(names), part_size)), output, fmt, top_k, len(names), processed, reused,
-                  seconds)
+    return job.finish(processed, reused, seconds, notes)
 
 
 def finish(folder: PartFolder, parts: int, output: Path, fmt: str, top_k: int, images: int, processed: int,
-           reused: int, seconds: float) -> JobReport:
+           reused: int, seconds: float, columns: dict[str, str] | None = None) -> JobReport:
     """Stream the finished parts into `output`, remove them, and report."""
     if folder.missing(range(parts)):
         raise ProtextError(f"{folder.folder}: parts {folder.missing(range(parts))[:5]} are missing; rerun the same "
@@ -156,7 +275,7 @@ def finish(folder: PartFolder, parts: int, output: Path, fmt: str, top_k: int, i
                 report.note(r["path"], r["error"])
             yield part
 
-    write_rows(rows(), output, fmt, top_k)
+    write_rows(rows(), output, fmt, top_k, columns=columns)
     folder.remove()
     return report
 
@@ -259,13 +378,17 @@ def label_transductive(clf: ProTextClassifier, features: str | Path, output: Pat
     return report
 
 
-def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int, transductive: bool = False) -> None:
+def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int, transductive: bool = False,
+               columns: dict[str, str] | None = None) -> None:
     """The whole output file, atomically, in its format, from rows that come a part at a time.
-    Transductive rows carry a `transductive` column (true)."""
+    Transductive rows carry a `transductive` column (true); `columns` are the carried ones (name ->
+    type), after the others."""
+    columns = columns or {}
+
     def write(tmp: str) -> None:
         if fmt == ".parquet":
             pa, pq = _pyarrow()
-            schema = _schema(pa, transductive)
+            schema = _schema(pa, transductive, columns)
             with pq.ParquetWriter(tmp, schema) as writer:
                 for rows in parts:
                     if rows:
@@ -278,13 +401,16 @@ def write_rows(parts: Iterable[list[dict]], output: Path, fmt: str, top_k: int, 
                 return
             writer = csv.writer(f, lineterminator="\n")
             top_columns = [f"{what}_{j}" for j in range(1, top_k + 1) for what in ("label", "prob")]
-            writer.writerow(["path", "label", "prob", *top_columns, "error", *(["transductive"] * transductive)])
+            writer.writerow(["path", "label", "prob", *top_columns, "error", *(["transductive"] * transductive),
+                             *columns])
             for rows in parts:
                 for r in rows:
                     top = [v for pair in zip(r["top_labels"], r["top_probs"]) for v in pair]
                     top += [""] * (2 * top_k - len(top))
                     writer.writerow([r["path"], r["label"] or "", "" if r["prob"] is None else r["prob"], *top,
-                                     r["error"] or "", *(["true"] * transductive)])
+                                     r["error"] or "", *(["true"] * transductive),
+                                     *("" if r.get(c) is None else str(r[c]).lower() if isinstance(r[c], bool)
+                                       else r[c] for c in columns)])
 
     if fmt == ".parquet":
         _pyarrow()  # before the rows are made: says how to install it
@@ -301,7 +427,9 @@ def _pyarrow():
     return pa, pq
 
 
-def _schema(pa, transductive: bool = False):
+def _schema(pa, transductive: bool = False, columns: dict[str, str] | None = None):
+    types = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("prob", pa.float64()),
                       ("top_labels", pa.list_(pa.string())), ("top_probs", pa.list_(pa.float64())),
-                      ("error", pa.string()), *([("transductive", pa.bool_())] * transductive)])
+                      ("error", pa.string()), *([("transductive", pa.bool_())] * transductive),
+                      *((name, types[kind]) for name, kind in (columns or {}).items())])
