@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: resident memory, its peak over a block, and a ViT-B/16-shaped CLIP."""
+"""Shared by the benchmark scripts: resident memory (this process's, its peak over a block, another's), a
+free local port, and a ViT-B/16-shaped CLIP."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ def rss_mb() -> float:
     """Resident memory now (Linux), in MiB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def process_rss_mib(pid: int) -> float:
+    """Resident memory of another process (Linux), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server the benchmark starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PeakRSS:

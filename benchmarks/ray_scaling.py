@@ -10,7 +10,8 @@ fresh output), on a local Ray instance (or `--address auto` on a real cluster, w
 overhead (actors that each hold a model, their start-up, part hand-outs); the point of the
 figure is how much (target: at least 0.95). The last lines give the ratio of the best Ray figure to the single-process one, per job.
 
-    python benchmarks/ray_scaling.py [--images 128] [--workers 1,2] [--jobs label,features] [--address auto]
+    python benchmarks/ray_scaling.py [--images 384] [--workers 1,2] [--jobs label,features] [--part-size 64]
+                                     [--address auto]
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from measure import IMAGENET_DESCRIPTIONS, SHARED, vit_b16_clip
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--images", type=int, default=384)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--address", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--jobs", default="label,features")
+    ap.add_argument("--part-size", type=int, default=64, help="images per part (parts are what actors share out)")
     args = ap.parse_args()
 
     import ray
@@ -56,13 +58,14 @@ def main() -> None:
         shutil.copy(samples[i % len(samples)], paths[-1])
     print(f"{args.images} ImageNet JPEGs, ViT-B/16-shaped random CLIP, torch threads {torch.get_num_threads()}")
     bs = args.batch_size
-    single = {"label": lambda out: label(clf, paths, out / "labels.jsonl", batch_size=bs, ctx=QUIET),
-              "features": lambda out: write_features(backbone, paths, out, batch_size=bs, ctx=QUIET)}
+    ps = args.part_size
+    single = {"label": lambda out: label(clf, paths, out / "labels.jsonl", batch_size=bs, part_size=ps, ctx=QUIET),
+              "features": lambda out: write_features(backbone, paths, out, batch_size=bs, part_size=ps, ctx=QUIET)}
     cpus = lambda n: max(1, (os.cpu_count() or 1) // n)  # noqa: E731  each actor its share of the machine
     on_ray = {"label": lambda out, n: label_on_ray(clf, paths, out / "labels.jsonl", workers=n, batch_size=bs,
-                                                   cpus_per_worker=cpus(n), ctx=QUIET),
+                                                   part_size=ps, cpus_per_worker=cpus(n), ctx=QUIET),
               "features": lambda out, n: features_on_ray(backbone, paths, out, workers=n, batch_size=bs,
-                                                         cpus_per_worker=cpus(n), ctx=QUIET)}
+                                                         part_size=ps, cpus_per_worker=cpus(n), ctx=QUIET)}
     print("| job | path | images/s |\n|---|---|---|", flush=True)
     ratios = []
     for job in args.jobs.split(","):

@@ -34,21 +34,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from measure import free_port, process_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = sorted((ROOT.parent / "shared" / "data" / "images" / "imagenet_sample").iterdir())[0]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -133,7 +122,7 @@ def measure(server: Server, attack, label: str) -> dict:
     """Run `attack()` while a normal client sends a request every 0.2 s; statuses, latencies, memory."""
     import httpx
 
-    times, codes, stop, peak = [], [], threading.Event(), [rss_mib(server.proc.pid)]
+    times, codes, stop, peak = [], [], threading.Event(), [process_rss_mib(server.proc.pid)]
     before = peak[0]
 
     def normal():
@@ -147,7 +136,7 @@ def measure(server: Server, attack, label: str) -> dict:
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], rss_mib(server.proc.pid))
+            peak[0] = max(peak[0], process_rss_mib(server.proc.pid))
             time.sleep(0.05)
 
     threads = [threading.Thread(target=normal), threading.Thread(target=sample)]
@@ -166,7 +155,7 @@ def measure(server: Server, attack, label: str) -> dict:
     return {"case": label, "attack got": ", ".join(f"{k} x{v}" for k, v in sorted(counted.items())),
             "normal": f"{len(codes)} ({sorted(set(codes))})", "normal p50 / max s":
             f"{statistics.median(times):.2f} / {max(times):.2f}" if times else "-",
-            "RSS before / peak / after MiB": f"{before:.0f} / {peak[0]:.0f} / {rss_mib(server.proc.pid):.0f}"}
+            "RSS before / peak / after MiB": f"{before:.0f} / {peak[0]:.0f} / {process_rss_mib(server.proc.pid):.0f}"}
 
 
 def main() -> None:

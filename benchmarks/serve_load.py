@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,21 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+from measure import free_port, process_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "images" / "imagenet_sample"
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_load(model: Path, classes: Path, max_batch: int, clients: int, requests: int, images: list[bytes],
@@ -76,12 +64,12 @@ def run_load(model: Path, classes: Path, max_batch: int, clients: int, requests:
                     time.sleep(0.2)
             for data in images[:2]:  # warm-up: the first forward passes are slower
                 client.post(url + "/v1/classify", files=[("images", ("w.jpg", data))])
-        before = rss_mib(server.pid)
+        before = process_rss_mib(server.pid)
         peak, done = [before], threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                peak.append(rss_mib(server.pid))
+                peak.append(process_rss_mib(server.pid))
                 time.sleep(0.02)
 
         latencies: list[float] = []
