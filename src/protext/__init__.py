@@ -19,6 +19,7 @@ _EXPORTS = {
     "ProTextClassifier": "classifier", "ClassifierOptions": "classifier", "build_classifier": "classifier",
     "HeadInputs": "heads",
     "TransductiveSettings": "transductive", "refine": "transductive",
+    "open_inputs": "inputs",
     "TrainConfig": "training.train", "make_config": "training.train", "train": "training.train",
 }
 __all__ = sorted(_EXPORTS)
