@@ -152,3 +152,17 @@ def test_fp16_and_bf16_on_cuda_and_int8_refused_there(tiny_folder, pixels):
         assert float(cosines(got, want).min()) > 0.98
     with pytest.raises(ProtextError, match="int8 runs on the CPU"):
         gpu.at_precision("int8")
+
+
+def test_every_image_command_takes_precision_and_export_takes_int8():
+    from protext.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("label", "features", "predict", "eval", "serve"):
+        flags = {o for a in commands[name]._actions for o in a.option_strings}
+        assert "--precision" in flags, name
+        action = next(a for a in commands[name]._actions if "--precision" in a.option_strings)
+        assert tuple(action.choices) == ("fp32", "int8", "bf16", "fp16") and action.default == "fp32"
+    export = {o for a in commands["export"]._actions for o in a.option_strings}
+    assert "--int8" in export and "--precision" not in export
