@@ -246,3 +246,17 @@ def test_workers_read_webdataset_shards_themselves(cluster, clf, tmp_path):
     a, b = pq.read_table(tmp_path / "one"), pq.read_table(tmp_path / "ray")
     assert b.column("path").to_pylist() == keys and a.column("top_labels").equals(b.column("top_labels"))
     assert b.column("cls").to_pylist() == a.column("cls").to_pylist()
+
+
+def test_a_bad_manifest_row_a_worker_reads_is_the_same_clear_error_as_on_one_machine(cluster, clf, tmp_path):
+    from protext.inputs import open_inputs
+
+    paths = images(tmp_path, 6)
+    rows = [{"path": str(p)} for p in paths] + [{"path": ""}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = open_inputs([tmp_path / "m.jsonl"], 4)
+    for run in (lambda: label(clf, manifest, out=tmp_path / "one", part_size=4, ctx=QUIET),
+                lambda: label_on_ray(clf, manifest, out=tmp_path / "ray", part_size=4, workers=1, ctx=QUIET)):
+        with pytest.raises(ProtextError) as caught:
+            run()
+        assert str(caught.value) == f"{tmp_path / 'm.jsonl'}: row 8 has no path"

@@ -45,6 +45,11 @@ PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ProtextError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+
+
 @dataclass
 class ImageTower:
     """A frozen image encoder, its projection (identity for SigLIP, whose pooled output is the
@@ -71,8 +76,7 @@ class ImageTower:
         """This tower computing in `precision` (one of `PRECISIONS`): a new tower on a copy of the
         weights (this one is left as it is), or this one for its own precision. The fingerprint
         says the precision, so caches and feature folders never mix features of two precisions."""
-        if precision not in PRECISIONS:
-            raise ProtextError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
         if precision == self.precision:
             return self
         if self.precision != "fp32":
@@ -148,11 +152,12 @@ class Backbone:
     def at_precision(self, precision: str) -> "Backbone":
         """This backbone with its image tower in `precision` (see `ImageTower.at_precision`); the
         text tower, which runs once per label set, stays in fp32."""
-        if self.image is None or precision == self.image.precision:
-            if self.image is None and precision != "fp32":
+        if self.image is None:
+            if precision != "fp32":
                 raise ProtextError(f"--precision {precision}: backbone '{self.name}' has no image tower")
             return self
-        return replace(self, image=self.image.at_precision(precision), _fingerprint=self._fingerprint)
+        image = self.image.at_precision(precision)
+        return self if image is self.image else replace(self, image=image, _fingerprint=self._fingerprint)
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.text.to(device)
@@ -217,8 +222,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, revision: str | None = None, dev
     """Load `name` (Hub id or local folder) as a frozen backbone on `device` (default: CUDA if present),
     its image tower in `precision` (`PRECISIONS`); `progress` False keeps `transformers`' loading
     bars quiet too."""
-    if precision not in PRECISIONS:  # before minutes of downloading
-        raise ProtextError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)  # before minutes of downloading
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
     from transformers.utils import logging as transformers_logging
 

@@ -33,12 +33,12 @@ import torch
 from .backbone import Backbone, load_backbone
 from .classifier import ProTextClassifier
 from .context import Context
-from .engine import MAX_LISTED, JobReport, check_counts, default_batch_size, run
+from .engine import MAX_LISTED, Encoder, JobReport, check_counts, default_batch_size, parts_to_compute, run
 from .errors import ProtextError
-from .feature_folder import features_part, open_folder, summarise
+from .feature_folder import FeaturesEncoder, open_folder, summarise
 from .images import MAX_PIXELS
-from .inputs import Inputs, ListInputs, as_inputs, parts_of
-from .label import LabelJob, open_job, part_rows, rows_bytes
+from .inputs import Inputs, ListInputs, PartInputs, as_inputs
+from .label import LabelJob, open_job
 from .parts import PartFolder
 
 
@@ -66,65 +66,57 @@ def ray_module():
 class PartWorker:
     """A Ray actor: the image tower, loaded once, and the job's folders; computes and writes whole parts.
 
-    `label` (classes, class embeddings, head, activation, top_k, min_prob, part format), when given,
-    makes it a labelling worker; `folders` are (folder, role) with role "labels" or "features"."""
+    `outputs` are (folder, suffix, encoder) with the encoders of the single-machine path
+    (`label.RowsEncoder`, `feature_folder.FeaturesEncoder`); `scoring` (classes, class embeddings,
+    head, activation), when given, scores each batch as `label` does."""
 
     def __init__(self, backbone: str, revision: str | None, fingerprint: str, precision: str,
-                 folders: list[tuple[str, str]], inputs: Inputs | None, label: dict | None,
+                 outputs: list[tuple[str, str, Encoder]], inputs: Inputs | None, scoring: dict | None,
                  batch_size: int | None, threads: int | None, max_pixels: int):
         device = "cpu" if precision == "int8" or not torch.cuda.is_available() else "cuda"  # int8: CPU kernels
         self.backbone = load_backbone(backbone, revision, device, progress=False, precision=precision)
         if self.backbone.image is None or self.backbone.image.fingerprint() != fingerprint:
             raise ProtextError(f"backbone '{backbone}' on this worker has other image weights than on the driver")
-        self.folders = [(PartFolder(path, ".parquet" if role == "features" else label["part_format"]), role)
-                        for path, role in folders]
-        self.inputs, self.label = inputs, label
+        self.outputs = [(PartFolder(path, suffix), encode) for path, suffix, encode in outputs]
+        self.inputs = inputs
         self.batch_size, self.threads, self.max_pixels = batch_size, threads, max_pixels
-        self.clf = None
-        if label is not None:
-            self.clf = ProTextClassifier.from_weights(self.backbone, label["classes"], label["weights"], label["head"])
+        self.head = None
+        if scoring is not None:
+            clf = ProTextClassifier.from_weights(self.backbone, scoring["classes"], scoring["weights"], scoring["head"])
+            self.head = lambda f: clf.probabilities(f, scoring["activation"])
 
-    def compute(self, index: int, part_size: int, given=None) -> dict:
-        """Part `index` (its inputs `given`, else read from the job's manifest), into every folder
-        named by `need`; returns its records and the names of its unreadable inputs."""
+    def compute(self, index: int, part_size: int, given: PartInputs | None, need: list[bool]) -> dict:
+        """Part `index` (its inputs `given`, else read from the job's manifest or shards) into each
+        folder `need` marks; returns their records and the names of the part's unreadable inputs."""
         given = given if given is not None else self.inputs.part(index, part_size)
-        head = None if self.clf is None else (lambda f: self.clf.probabilities(f, self.label["activation"]))
-        part = next(run(self.backbone, [(index, given.items)], self.batch_size, self.threads, head,
+        part = next(run(self.backbone, [(index, given.items)], self.batch_size, self.threads, self.head,
                         max_pixels=self.max_pixels))
         records = []
-        for folder, role in self.folders:
-            if role == "features":
-                data = features_part(part, given, self.backbone.text.feature_dim, self.label_columns())
-            else:
-                rows = part_rows(part, given, self.clf.classes, self.label["top_k"], self.label["min_prob"],
-                                 self.label["columns"])
-                data = rows_bytes(rows, self.label["part_format"], self.label["out_columns"])
-            folder.write(index, data, len(given.names), part.unreadable)
-            records.append(folder.records[index])
+        for (folder, encode), wanted in zip(self.outputs, need):
+            if wanted:
+                folder.write(index, encode(part, given), len(given.names), part.unreadable)
+            records.append(folder.records.get(index))
         unreadable = [(n, e) for n, e in zip(given.names, part.errors) if e is not None][:MAX_LISTED]
-        return {"index": index, "records": records, "unreadable": unreadable}
-
-    def label_columns(self) -> dict[str, str]:
-        return self.inputs.columns if self.inputs is not None else (self.label or {}).get("columns", {})
+        return {"records": records, "unreadable": unreadable}
 
 
-def _run(inputs: Inputs, folders: Sequence[tuple[PartFolder, str]], part_size: int, backbone: Backbone,
-         label: dict | None, *, address: str | None, workers: int, num_gpus_per_worker: float,
+def _run(inputs: Inputs, outputs: Sequence[tuple[PartFolder, Encoder]], part_size: int, backbone: Backbone,
+         scoring: dict | None, *, address: str | None, workers: int, num_gpus_per_worker: float,
          batch_size: int | None, runtime_env: dict | None, desc: str, ctx: Context, max_pixels: int = MAX_PIXELS,
          threads: int | None = None, cpus_per_worker: float = 1) -> tuple[int, int, float, JobReport]:
-    """The parts any of `folders` lacks, computed by `workers` `PartWorker` actors, at most two parts
-    each in flight. Returns (images processed, reused, seconds, the unreadable inputs noted)."""
-    count = parts_of(inputs, part_size)
-    todo = sorted(set().union(*(folder.missing(range(count)) for folder, _ in folders)))
-    processed = sum(min(part_size, inputs.images - i * part_size) for i in todo)
-    notes = JobReport(folders[0][0].folder, inputs.images, processed, inputs.images - processed)
+    """The parts any of the `outputs` folders lacks, computed by `workers` `PartWorker` actors, at most
+    two parts each in flight. Returns (images processed, reused, seconds, the unreadable inputs noted)."""
+    check_counts({"--threads": threads})
+    if cpus_per_worker <= 0:
+        raise ProtextError(f"--cpus-per-worker must be above 0, got {cpus_per_worker}")
+    folders = [folder for folder, _ in outputs]
+    todo, processed = parts_to_compute(inputs, folders, part_size)
+    notes = JobReport(folders[0].folder, inputs.images, processed, inputs.images - processed)
     if not todo:
         return 0, inputs.images, 0.0, notes
     ray = ray_module()
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    if cpus_per_worker <= 0:
-        raise ProtextError(f"--cpus-per-worker must be above 0, got {cpus_per_worker}")
     started = time.perf_counter()
     tower = backbone.image
     shared = None if isinstance(inputs, ListInputs) else inputs  # a list travels a part at a time
@@ -133,7 +125,7 @@ def _run(inputs: Inputs, folders: Sequence[tuple[PartFolder, str]], part_size: i
                                            num_cpus=cpus_per_worker, scheduling_strategy="SPREAD",
                                            **({"runtime_env": runtime_env} if runtime_env else {}))
     args = (backbone.name, backbone.revision, tower.fingerprint(), tower.precision,
-            [(str(Path(f.folder).resolve()), role) for f, role in folders], shared, label,
+            [(str(Path(f.folder).resolve()), f.suffix, encode) for f, encode in outputs], shared, scoring,
             default_batch_size(batch_size, "cuda" if num_gpus_per_worker > 0 else "cpu"), threads, max_pixels)
     pool = [actor.remote(*args) for _ in range(workers)]
     pending: dict = {}
@@ -144,7 +136,8 @@ def _run(inputs: Inputs, folders: Sequence[tuple[PartFolder, str]], part_size: i
         while queue and free:
             index, worker = queue.pop(), free.pop()
             given = None if shared is not None else inputs.sources(index, part_size)
-            pending[worker.compute.remote(index, part_size, given)] = (index, worker)
+            need = [not folder.done(index) for folder in folders]
+            pending[worker.compute.remote(index, part_size, given, need)] = (index, worker)
 
     try:
         with ctx.bar(processed, desc, "img") as bar:
@@ -152,9 +145,15 @@ def _run(inputs: Inputs, folders: Sequence[tuple[PartFolder, str]], part_size: i
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 index, worker = pending.pop(done[0])
-                result = ray.get(done[0])
-                for (folder, _), record in zip(folders, result["records"]):
-                    folder.records[index] = record
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:  # a user-fixable problem a worker found: say it as such
+                    if isinstance(e.cause, ProtextError):
+                        raise ProtextError(str(e.cause)) from None
+                    raise
+                for folder, record in zip(folders, result["records"]):
+                    if record is not None:
+                        folder.records[index] = record
                 for name, reason in result["unreadable"]:
                     notes.note(name, reason)
                 bar.update(min(part_size, inputs.images - index * part_size))
@@ -191,14 +190,9 @@ def label_on_ray(clf: ProTextClassifier, paths: Sequence | Inputs, output: Path 
 
 
 def _label(job: LabelJob, **options) -> JobReport:
-    from .label import out_columns
-
-    part_format = ".jsonl" if job.output is not None else job.fmt
-    label = {"classes": job.clf.classes, "weights": job.clf.weights, "head": job.clf.head,
-             "activation": job.activation, "top_k": job.top_k, "min_prob": job.min_prob, "part_format": part_format,
-             "columns": job.columns, "out_columns": out_columns(job.columns)}
-    folders = [(job.folder, "labels")] + ([(job.features, "features")] if job.features is not None else [])
-    processed, reused, seconds, notes = _run(job.inputs, folders, job.part_size, job.clf.backbone, label,
+    scoring = {"classes": job.clf.classes, "weights": job.clf.weights, "head": job.clf.head,
+               "activation": job.activation}
+    processed, reused, seconds, notes = _run(job.inputs, job.outputs(), job.part_size, job.clf.backbone, scoring,
                                              desc="labelling (ray)", **options)
     return job.finish(processed, reused, seconds, notes)
 
@@ -213,12 +207,12 @@ def features_on_ray(backbone: Backbone, paths: Sequence | Inputs, out: str | Pat
     ray_module()
     inputs = as_inputs(paths)
     _paths_only(inputs)
-    check_counts({"--threads": threads})
     folder = open_folder(backbone, inputs, Path(out), part_size, {"--workers": workers, "--batch-size": batch_size})
-    processed, reused, seconds, notes = _run(inputs, [(folder, "features")], part_size, backbone, None,
+    encode = FeaturesEncoder(folder.settings["dim"], inputs.columns)
+    processed, reused, seconds, notes = _run(inputs, [(folder, encode)], part_size, backbone, None,
                                              address=address, workers=workers,
                                              num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size,
                                              runtime_env=runtime_env, desc="image features (ray)", ctx=ctx,
                                              max_pixels=max_pixels, threads=threads, cpus_per_worker=cpus_per_worker)
-    return summarise(folder, inputs.images, processed, reused, seconds, notes if reused == 0 else None)
+    return summarise(folder, inputs.images, processed, reused, seconds, notes)
 

@@ -178,18 +178,24 @@ def check_counts(counts: dict[str, int | None]) -> None:
             raise ProtextError(f"{name} must be at least 1, got {value}")
 
 
+def parts_to_compute(inputs: Inputs, folders: Sequence[PartFolder], part_size: int) -> tuple[list[int], int]:
+    """The parts that any of `folders` lacks, in order, and how many inputs they hold (both engines)."""
+    count = parts_of(inputs, part_size)
+    work = sorted(set().union(*(folder.missing(range(count)) for folder in folders)))
+    return work, sum(min(part_size, inputs.images - i * part_size) for i in work)
+
+
 def run_job(backbone: Backbone, inputs: Inputs, outputs: Sequence[tuple[PartFolder, Encoder]],
             part_size: int, *, batch_size: int | None = None, workers: int | None = None,
             head: Callable[[torch.Tensor], torch.Tensor] | None = None, ctx: Context = Context(),
-            desc: str = "images", max_pixels: int = MAX_PIXELS,
-            augment: tuple[int, int] | None = None) -> tuple[int, int, float]:
+            desc: str = "images", max_pixels: int = MAX_PIXELS, augment: tuple[int, int] | None = None,
+            notes: JobReport | None = None) -> tuple[int, int, float]:
     """Compute the parts that any of the `outputs` folders lacks, and save each into every folder that
     lacks it with that folder's `encode(part, its inputs)`; returns (images processed, images
     reused, seconds). Each part's inputs are read (`inputs.part`) only when it is computed, so
-    memory holds the parts in flight, never the whole input."""
-    count = parts_of(inputs, part_size)
-    work = sorted(set().union(*(folder.missing(range(count)) for folder, _ in outputs)))
-    processed = sum(min(part_size, inputs.images - i * part_size) for i in work)
+    memory holds the parts in flight, never the whole input. `notes` counts (and names) the
+    unreadable inputs of the parts computed."""
+    work, processed = parts_to_compute(inputs, [folder for folder, _ in outputs], part_size)
     started = time.perf_counter()
     given: dict[int, PartInputs] = {}
 
@@ -201,6 +207,9 @@ def run_job(backbone: Backbone, inputs: Inputs, outputs: Sequence[tuple[PartFold
     with ctx.bar(processed, desc, "img", show=processed > 0) as bar:
         for part in run(backbone, parts(), batch_size, workers, head, bar.update, max_pixels, augment):
             here = given.pop(part.index)
+            if notes is not None:
+                for name, reason in zip(here.names, part.errors):
+                    notes.note(name, reason)
             for folder, encode in outputs:
                 if not folder.done(part.index):
                     folder.write(part.index, encode(part, here), len(here.names), part.unreadable)

@@ -83,16 +83,28 @@ def open_folder(backbone: Backbone, inputs: Sequence | Inputs, out: Path, part_s
     return PartFolder(out, ".parquet", job, restart=restart)
 
 
-def features_part(part: Part, given: PartInputs, dim: int, columns: dict[str, str] | None = None) -> bytes:
-    """A computed part as its Parquet bytes."""
-    return part_bytes(given.names, part.features.numpy(), part.errors, dim, given.extras, columns)
+@dataclass(frozen=True)
+class FeaturesEncoder:
+    """A computed part -> the bytes of its Parquet feature part (with the inputs' carried `columns`)."""
+
+    dim: int
+    columns: dict[str, str]
+
+    def __call__(self, part: Part, given: PartInputs) -> bytes:
+        return part_bytes(given.names, part.features.numpy(), part.errors, self.dim, given.extras, self.columns)
+
+
+def finish_folder(folder: PartFolder, images: int) -> dict:
+    """Write the summary of a feature folder whose parts are all there; returns it."""
+    return folder.finish(math.ceil(images / folder.settings["part_size"]), {"dim": folder.settings["dim"]})
 
 
 def summarise(folder: PartFolder, images: int, processed: int, reused: int, seconds: float,
               notes: JobReport | None = None) -> JobReport:
     """Write the summary of a finished folder and report: the unreadable files counted, the first
-    `engine.MAX_LISTED` named (from `notes`, the parts computed now, else read back from the parts)."""
-    summary = folder.finish(math.ceil(images / folder.settings["part_size"]), {"dim": folder.settings["dim"]})
+    `engine.MAX_LISTED` named: from `notes` (the parts computed now) when they saw them all, else
+    read back from the parts."""
+    summary = finish_folder(folder, images)
     report = JobReport(folder.folder, images, processed, reused, seconds=seconds)
     if notes is not None and notes.unreadable == summary["unreadable"]:
         report.unreadable_files = notes.unreadable_files
@@ -114,17 +126,12 @@ def write_features(backbone: Backbone, paths: Sequence | Inputs, out: str | Path
     are rows with an error."""
     inputs = as_inputs(paths)
     folder = open_folder(backbone, inputs, Path(out), part_size, {"--batch-size": batch_size, "--workers": workers})
-    dim, columns = folder.settings["dim"], inputs.columns
     notes = JobReport(folder.folder, inputs.images, 0, 0)
-
-    def encode(part: Part, given: PartInputs) -> bytes:
-        for name, reason in zip(given.names, part.errors):
-            notes.note(name, reason)
-        return features_part(part, given, dim, columns)
-
-    processed, reused, seconds = run_job(backbone, inputs, [(folder, encode)], part_size, batch_size=batch_size,
-                                         workers=workers, ctx=ctx, desc="image features", max_pixels=max_pixels)
-    return summarise(folder, inputs.images, processed, reused, seconds, notes if reused == 0 else None)
+    processed, reused, seconds = run_job(backbone, inputs, [(folder, FeaturesEncoder(folder.settings["dim"],
+                                                                                     inputs.columns))],
+                                         part_size, batch_size=batch_size, workers=workers, ctx=ctx,
+                                         desc="image features", max_pixels=max_pixels, notes=notes)
+    return summarise(folder, inputs.images, processed, reused, seconds, notes)
 
 
 class FeatureParts:

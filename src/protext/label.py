@@ -33,7 +33,7 @@ from .classifier import ProTextClassifier
 from .context import Context
 from .descriptions import normalize_name
 from .engine import JobReport, Part, check_counts, run_job
-from .feature_folder import features_part, open_folder, summarise
+from .feature_folder import FeaturesEncoder, finish_folder, open_folder
 from .errors import ProtextError
 from .images import MAX_PIXELS
 from .inputs import Inputs, PartInputs, as_inputs, parts_of
@@ -112,6 +112,21 @@ def rows_bytes(rows: list[dict], fmt: str, columns: dict[str, str] | None = None
     return sink.getvalue()
 
 
+@dataclass(frozen=True)
+class RowsEncoder:
+    """A computed part (its scores) -> the bytes of its label part: rows in `part_format`."""
+
+    classes: list[str]
+    top_k: int
+    min_prob: float | None
+    columns: dict[str, str]
+    part_format: str
+
+    def __call__(self, part: Part, given: PartInputs) -> bytes:
+        rows = part_rows(part, given, self.classes, self.top_k, self.min_prob, self.columns)
+        return rows_bytes(rows, self.part_format, out_columns(self.columns))
+
+
 def check_job(clf: ProTextClassifier, top_k: int, min_prob: float | None, activation: str,
               counts: dict[str, int | None]) -> None:
     """A labelling job's arguments, checked before any image is read (`counts`: flag -> value, each
@@ -154,21 +169,19 @@ class LabelJob:
         return self.inputs.columns
 
     def outputs(self) -> list[tuple[PartFolder, Callable[[Part, PartInputs], bytes]]]:
-        """(folder, encoder) of every folder the job writes a part into."""
-        classes, top_k, min_prob, columns = self.clf.classes, self.top_k, self.min_prob, self.columns
-        part_format = ".jsonl" if self.output is not None else self.fmt
-        found = [(self.folder, lambda part, given: rows_bytes(part_rows(part, given, classes, top_k, min_prob, columns),
-                                                             part_format, out_columns(columns)))]
+        """(folder, encoder) of every folder the job writes a part into; the encoders are plain records,
+        so Ray workers get the same ones."""
+        found = [(self.folder, RowsEncoder(self.clf.classes, self.top_k, self.min_prob, self.columns,
+                                           ".jsonl" if self.output is not None else self.fmt))]
         if self.features is not None:
-            dim = self.features.settings["dim"]
-            found.append((self.features, lambda part, given: features_part(part, given, dim, columns)))
+            found.append((self.features, FeaturesEncoder(self.features.settings["dim"], self.columns)))
         return found
 
     def finish(self, processed: int, reused: int, seconds: float, notes: JobReport | None = None) -> JobReport:
         """The output file streamed from the parts (then removed), or the folder's summary; the report."""
         images = self.inputs.images
         if self.features is not None:
-            summarise(self.features, images, processed, reused, seconds)
+            finish_folder(self.features, images)  # its unreadable inputs are the labels' own
         if self.output is not None:
             return finish(self.folder, self.parts, self.output, self.fmt, self.top_k, images, processed, reused,
                           seconds, out_columns(self.columns))
@@ -244,19 +257,11 @@ def label(clf: ProTextClassifier, paths: Sequence | Inputs, output: Path | None 
                    {"--batch-size": batch_size, "--workers": workers}, out=out, part_format=part_format,
                    save_features=save_features)
     notes = JobReport(job.out or job.output, job.inputs.images, 0, 0)
-    outputs = job.outputs()
-    first_folder, first_encode = outputs[0]
-
-    def noted(part: Part, given: PartInputs) -> bytes:
-        for name, reason in zip(given.names, part.errors):
-            notes.note(name, reason)
-        return first_encode(part, given)
-
-    processed, reused, seconds = run_job(clf.backbone, job.inputs, [(first_folder, noted), *outputs[1:]], part_size,
+    processed, reused, seconds = run_job(clf.backbone, job.inputs, job.outputs(), part_size,
                                          batch_size=batch_size, workers=workers,
                                          head=lambda f: clf.probabilities(f, activation), ctx=ctx, desc="labelling",
                                          max_pixels=max_pixels,
-                                         augment=(clf.views, clf.inputs.awt.seed) if clf.views else None)
+                                         augment=(clf.views, clf.inputs.awt.seed) if clf.views else None, notes=notes)
     return job.finish(processed, reused, seconds, notes)
 
 
