@@ -109,7 +109,7 @@ def main() -> None:
     small, large = sizes[0], sizes[-1]
     print(f"\nParquet manifest cycling {len(images)} real 32x32 PNGs, tiny random CLIP (32 px), clip head, 10 classes, "
           f"label --out DIR, parts of {args.part_size}; {os.cpu_count()} CPUs")
-    print(f"| engine | rows | images/s | peak driver RSS MB |\n|---|---|---|---|")
+    print("| engine | rows | images/s | peak driver RSS MB |\n|---|---|---|---|")
     for (engine, n), r in results.items():
         print(f"| {engine} | {n:,} | {r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     for engine in args.engines.split(","):
