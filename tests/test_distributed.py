@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,82 @@ def test_a_bad_manifest_row_a_worker_reads_is_the_same_clear_error_as_on_one_mac
         with pytest.raises(ProtextError) as caught:
             run()
         assert str(caught.value) == f"{tmp_path / 'm.jsonl'}: row 8 has no path"
+
+
+def _tree(root, sources):
+    """Images at three depths, names whose order is easy to get wrong ("a.jpg" < "a/..." < "a-b/..."
+    component by component, not as strings), files that are not images and a dangling link."""
+    names = ["top.jpg", "a.jpg", "a/x.jpg", "a/deep/1.png", "a/deep/2.png", "a-b/y.jpg", "a0.png", "b/c/d/e/z.jpg",
+             "b/c/k.jpeg", "b/w.webp", "c/only.jpg"]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[i % len(sources)], root / name)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()
+    os.symlink(root / "gone.jpg", root / "b" / "dangling.jpg")
+    return names
+
+
+@pytest.mark.parametrize("units", [1, 3, 64])
+def test_folders_listed_by_ray_tasks_are_the_single_machine_listing(cluster, tmp_path, monkeypatch, units):
+    from protext.inputs import ListInputs
+    from protext.listing import FolderListing, list_on_ray
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "more").mkdir()
+    _tree(tmp_path / "photos", collect([CIFAR]))
+    shutil.copy(collect([CIFAR])[0], tmp_path / "more" / "m.jpg")
+    given = [Path("photos"), Path("more")]  # relative, as a user types them
+    local_notes, ray_notes = [], []
+    local = ListInputs(collect(given, local_notes))
+    listed = list_on_ray(given, tmp_path / "out" / "_listing", part_size=4, units=units, notes=ray_notes)
+    assert isinstance(listed, FolderListing) and listed.identity() == local.identity()
+    parts = [listed.part(i) for i in range(3)]
+    assert [n for p in parts for n in p.names] == local.names == [str(p) for p in collect(given)]
+    assert [i for p in parts for i in p.items] == [str(tmp_path / n) for n in local.names]  # absolute for the workers
+    assert sorted(ray_notes) == sorted(local_notes) and "dangling" in ray_notes[0]
+    if units > 1:  # subfolders were handed out, and the files above them written by the driver
+        assert len(listed.files) > 2
+
+
+def test_a_link_to_a_folder_or_nested_folders_are_listed_on_the_driver(cluster, tmp_path):
+    from protext.distributed import open_ray_inputs
+    from protext.inputs import ListInputs
+    from protext.listing import list_on_ray, listable
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    _tree(root, collect([CIFAR]))
+    assert listable([root, root / "a"]) is None and listable([root, tmp_path / "missing"]) is None
+    os.symlink(root / "a", root / "b" / "c" / "again")  # the single-machine listing follows it once
+    assert list_on_ray([root], tmp_path / "_listing", part_size=4, units=64) is None
+    opened = open_ray_inputs([root], 4, tmp_path / "_listing")
+    assert isinstance(opened, ListInputs) and opened.names == [str(p) for p in collect([root])]
+    assert str(root / "b" / "c" / "again" / "x.jpg") in opened.names
+
+
+def test_an_empty_folder_is_the_same_clear_error_on_ray(cluster, tmp_path):
+    from protext.listing import list_on_ray
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ProtextError, match="no image files in this folder or below"):
+        collect([tmp_path / "empty"])
+    with pytest.raises(ProtextError, match=f"{tmp_path / 'empty'}: no image files in this folder or below"):
+        list_on_ray([tmp_path / "empty"], tmp_path / "_listing", part_size=4)
+
+
+def test_features_of_a_folder_on_ray_are_the_single_machine_parts_and_the_listing_is_removed(cluster, clf,
+                                                                                              tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    _tree(tmp_path / "photos", collect([CIFAR]))
+    common = ["--backbone", str(clf.backbone.name), "--part-size", "4", "--no-progress", "--batch-size", "4"]
+    assert main(["features", "photos", "--out", "one", *common]) == 0
+    assert main(["features", "photos", "--out", "ray", "--engine", "ray", "--workers", "1", *common]) == 0
+    one, two = read_features(tmp_path / "one"), read_features(tmp_path / "ray")
+    assert one.paths == two.paths and len(one.paths) == 11
+    assert torch.allclose(one.feats, two.feats, atol=1e-5)
+    assert not (tmp_path / "ray" / "_listing").exists()
+    settings = [json.loads((tmp_path / f / "_settings.json").read_text()) for f in ("one", "ray")]
+    assert settings[0]["paths_sha1"] == settings[1]["paths_sha1"] and settings[0]["images"] == 11

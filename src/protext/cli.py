@@ -10,6 +10,8 @@ a flag means only what it says.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -56,6 +58,24 @@ def _inputs(paths: list[str], part_size: int):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return found
+
+
+@contextlib.contextmanager
+def _ray_inputs(args: argparse.Namespace, parts: Path):
+    """`distributed.open_ray_inputs`: image folders listed by Ray tasks into <parts>/_listing, removed
+    when the job ends; notes said on stderr."""
+    from .distributed import open_ray_inputs
+
+    notes: list[str] = []
+    listing = parts / "_listing"
+    try:
+        found = open_ray_inputs(args.paths, args.part_size, listing, args.address,
+                                2 if args.workers is None else args.workers, notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        yield found
+    finally:
+        shutil.rmtree(listing, ignore_errors=True)
 
 
 def _add_context(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -177,7 +197,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="description JSON file, or a public set name such as cupl:imagenet (default: %(default)s)")
     p.add_argument("--classes", default=None, help="train on these classes only: a file (one per line, or a JSON "
                                                    "list) or a,b,c")
-    p.add_argument("--preset", default="cross-dataset", choices=sorted(PRESETS), help="the paper's settings (default: %(default)s)")
+    p.add_argument("--preset", default="cross-dataset", choices=sorted(PRESETS), help="the paper's settings, or the same training used with an ensemble at inference (the -ensemble presets; docs/training.md) (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: prompts/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the prompts to this Hub repo")
@@ -665,8 +685,9 @@ def _label(args: argparse.Namespace) -> None:
         from .distributed import label_on_ray
 
         job = _ray_job(args)
-        inputs = _inputs(args.paths, args.part_size)
-        report = label_on_ray(_classifier(args, classes), inputs, args.output, **common, **job, **destination)
+        parts = Path(args.out) if args.out else Path(args.output).with_name(Path(args.output).name + ".parts")
+        with _ray_inputs(args, parts) as inputs:
+            report = label_on_ray(_classifier(args, classes), inputs, args.output, **common, **job, **destination)
     else:
         inputs = _inputs(args.paths, args.part_size)
         report = label(_classifier(args, classes), inputs, args.output, **common,
@@ -747,13 +768,16 @@ def _features(args: argparse.Namespace) -> None:
     hub = _hub_inputs(args)
     if hub is None and not args.paths:
         raise ProtextError("give the images (PATH ...) or --dataset hf:...")
-    paths = [hub.image(i) for i in range(len(hub))] if hub is not None else _inputs(args.paths, args.part_size)
     if args.engine == "ray":
         from .distributed import features_on_ray
 
         job = _ray_job(args)
-        report = features_on_ray(_backbone(args, args.precision), paths, args.out, ctx=ctx, **job)
+        listed = _ray_inputs(args, Path(args.out)) if hub is None else contextlib.nullcontext(
+            [hub.image(i) for i in range(len(hub))])
+        with listed as paths:
+            report = features_on_ray(_backbone(args, args.precision), paths, args.out, ctx=ctx, **job)
     else:
+        paths = [hub.image(i) for i in range(len(hub))] if hub is not None else _inputs(args.paths, args.part_size)
         report = write_features(_backbone(args, args.precision), paths, args.out, args.batch_size, args.workers, args.part_size, ctx,
                                 args.max_pixels)
     _print_report(report)

@@ -37,8 +37,9 @@ from .engine import MAX_LISTED, Encoder, JobReport, check_counts, default_batch_
 from .errors import ProtextError
 from .feature_folder import FeaturesEncoder, open_folder, summarise
 from .images import MAX_PIXELS
-from .inputs import Inputs, ListInputs, PartInputs, as_inputs
+from .inputs import Inputs, ListInputs, PartInputs, as_inputs, open_inputs
 from .label import LabelJob, open_job
+from .listing import listable, list_on_ray
 from .parts import PartFolder
 
 
@@ -61,6 +62,27 @@ def ray_module():
     except ImportError as e:
         raise ProtextError("--engine ray needs Ray: pip install 'protext[ray]' (or pip install 'ray[data]')") from e
     return ray
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ("auto", "ray://host:port"), or start a local instance (None)."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+
+
+def open_ray_inputs(paths: Sequence[str | Path], part_size: int, listing: Path, address: str | None = None,
+                    workers: int = 2, notes: list[str] | None = None) -> Inputs:
+    """The inputs of a job on Ray: image folders listed by Ray tasks into `listing/`
+    (`listing.list_on_ray`, the single-machine listing exactly), anything else, and folders holding
+    links to folders, opened as on one machine (`inputs.open_inputs`)."""
+    folders = listable(paths)
+    if folders is not None:
+        connect(address)
+        found = list_on_ray(folders, listing, part_size, units=max(16, 4 * workers), notes=notes)
+        if found is not None:
+            return found
+    return open_inputs(paths, part_size, notes)
 
 
 class PartWorker:
@@ -115,8 +137,7 @@ def _run(inputs: Inputs, outputs: Sequence[tuple[PartFolder, Encoder]], part_siz
     if not todo:
         return 0, inputs.images, 0.0, notes
     ray = ray_module()
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    connect(address)
     started = time.perf_counter()
     tower = backbone.image
     shared = None if isinstance(inputs, ListInputs) else inputs  # a list travels a part at a time

@@ -1,0 +1,210 @@
+"""Image folders listed in parallel by Ray tasks, then read like a manifest.
+
+Listing a folder tree of a billion images on one process takes hours on a network file system
+and holds every path in memory. With `--engine ray`, `list_on_ray` instead:
+
+1. walks the top of each folder on the driver (at most `LEVELS` levels, until there are about
+   `units` subfolders to hand out); the images found up there are written by the driver;
+2. gives each subfolder below to a Ray task, which lists it (sorted) and writes its paths as one
+   Parquet file into the listing folder (atomically; nothing passes back but a count);
+3. returns a `FolderListing`: those files in order, read a part at a time like any manifest.
+
+The result is the single-machine listing exactly (`inputs.collect`: the same paths, named the
+same way, in the same order, so the job's settings, parts and resume are the same on both
+engines); the driver reads the listing once, a row group at a time, to compute the paths' digest
+the job's settings hold. Where the walk meets a link to a folder (which the single-machine
+listing follows once, skipping loops) the tree is listed on the driver instead, as
+`inputs.collect` does, since links across subfolders cannot be followed once in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .cache import atomic_write
+from .errors import ProtextError
+from .images import IMAGE_SUFFIXES, is_uri
+from .inputs import Manifest, PartInputs, is_manifest
+
+LEVELS = 3  # the driver walks at most this deep before handing subfolders out
+ROW_GROUP = 65536  # rows per row group of a listing file: few groups, so the driver's footers stay small
+
+
+class FolderLinks(Exception):
+    """A link to a folder: the tree is listed on the driver instead."""
+
+
+def listable(paths: Sequence[str | Path]) -> list[Path] | None:
+    """The folders, when every input is a local image folder and none lies inside another (the
+    single-machine listing removes paths given twice; parallel listings cannot), else None."""
+    if not paths or any(is_uri(str(p)) or not Path(p).is_dir() or is_manifest(p) for p in paths):
+        return None
+    folders = [Path(p) for p in paths]
+    real = [Path(os.path.realpath(p)) for p in folders]
+    for i, a in enumerate(real):
+        if any(i != j and (a == b or b in a.parents) for j, b in enumerate(real)):
+            return None
+    return folders
+
+
+def _image_entry(path: Path, notes: list[str]) -> bool:
+    """Whether a non-folder entry is an image file, as `images.list_images` decides (a dangling link
+    with an image suffix is noted and skipped)."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    if path.is_file():
+        return True
+    notes.append(f"{path}: a link to nothing (dangling); skipped")
+    return False
+
+
+def _entries(folder: Path, notes: list[str]) -> list[tuple[str, Path]]:
+    """A folder's images and subfolders, sorted by name: ("file", path) or ("dir", path)."""
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            items = sorted(it, key=lambda e: e.name)
+    except OSError:  # unreadable: skipped, as os.walk skips it
+        return []
+    for entry in items:
+        path = folder / entry.name
+        if entry.is_dir():  # follows links, as os.walk(followlinks=True)
+            if entry.is_symlink():
+                raise FolderLinks(str(path))
+            out.append(("dir", path))
+        elif _image_entry(path, notes):
+            out.append(("file", path))
+    return out
+
+
+def plan(folder: Path, units: int, notes: list[str]) -> list[tuple[str, list[Path] | Path]]:
+    """The listing of `folder` in order, as units: ("files", [paths]) the driver writes and
+    ("dir", path) a task lists; subfolders are opened level by level until there are `units` of
+    them or `LEVELS` levels have been walked."""
+    todo: list[tuple[str, list[Path] | Path]] = [("dir", folder)]
+    for _ in range(LEVELS):
+        if sum(kind == "dir" for kind, _ in todo) >= units:
+            break
+        opened: list[tuple[str, list[Path] | Path]] = []
+        for kind, item in todo:
+            if kind != "dir":
+                opened.append((kind, item))
+                continue
+            for sub_kind, path in _entries(item, notes):
+                if sub_kind == "file" and opened and opened[-1][0] == "files":
+                    opened[-1][1].append(path)
+                else:
+                    opened.append(("files", [path]) if sub_kind == "file" else ("dir", path))
+        if opened == todo:
+            break
+        todo = opened
+    return [u for u in todo if u[0] == "dir" or u[1]]
+
+
+def list_folder(folder: str, named: str) -> tuple[list[str], list[str]]:
+    """The images below `folder` (absolute), sorted as `images.list_images` sorts them, named below
+    `named` (the folder as the user gave it); raises `FolderLinks` at a link to a folder."""
+    found: list[Path] = []
+    notes: list[str] = []
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                raise FolderLinks(os.path.join(named, os.path.relpath(os.path.join(root, d), folder)))
+        for name in names:
+            path = Path(root) / name
+            if _image_entry(path, notes):
+                found.append(path)
+    base = Path(folder)
+    return [str(Path(named) / p.relative_to(base)) for p in sorted(found)], \
+        [n.replace(folder, named, 1) for n in notes]
+
+
+def write_listing(path: str, names: Sequence[str]) -> None:
+    """One listing file: a Parquet file with a `path` column, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"path": pa.array(list(names), pa.string())})
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP))
+
+
+def _list_task(folder: str, named: str, out: str) -> dict:
+    """A Ray task: list one subfolder into its listing file."""
+    try:
+        names, notes = list_folder(folder, named)
+    except FolderLinks as e:
+        return {"link": str(e)}
+    if names:
+        write_listing(out, names)
+    return {"rows": len(names), "notes": notes}
+
+
+class FolderListing(Manifest):
+    """Listing files (a `path` column) read as a manifest, with the names and identity of the
+    single-machine listing: paths stay as named, and are made absolute against the folder the
+    listing was made from (`cwd`) for the workers."""
+
+    def __init__(self, locations: Sequence[str], part_size: int, cwd: str):
+        import pyarrow.parquet as pq
+
+        self.cwd = cwd
+        super().__init__(locations, part_size)
+        digest = hashlib.sha1()  # as cache.sha1("\n".join(names)), a row group at a time
+        first = True
+        for entry in self.files:
+            for batch in pq.ParquetFile(entry.location).iter_batches(ROW_GROUP, columns=["path"]):
+                for name in batch.column(0).to_pylist():
+                    digest.update(name.encode() if first else b"\n" + name.encode())
+                    first = False
+        digest.update(b"\0")
+        self.paths_sha1 = digest.hexdigest()
+
+    def identity(self) -> dict:
+        return {"images": self.images, "paths_sha1": self.paths_sha1}
+
+    def _read(self, entry, start: int, count: int, out: PartInputs, index: int) -> None:
+        for _, row in self._parquet_rows(entry, start, count):
+            out.names.append(row["path"])
+            out.items.append(os.path.join(self.cwd, row["path"]))
+
+
+def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: int = 64,
+                notes: list[str] | None = None) -> FolderListing | None:
+    """List `folders` (see `listable`) with Ray tasks into `listing/` (Ray must be initialised);
+    None when a link to a folder was met (then list them on the driver, `inputs.collect`)."""
+    import ray
+
+    notes = notes if notes is not None else []
+    listing = Path(listing)
+    listing.mkdir(parents=True, exist_ok=True)
+    for old in listing.glob("*.parquet"):  # a listing from an earlier run: the folders may have changed
+        old.unlink()
+    task = ray.remote(_list_task).options(num_cpus=0.25, max_retries=3)
+    files, pending, rows = [], [], [0] * len(folders)
+    try:
+        for k, folder in enumerate(folders):
+            for kind, item in plan(folder, units, notes):
+                out = str((listing / f"{len(files):06d}.parquet").resolve())
+                files.append(out)
+                if kind == "files":
+                    write_listing(out, [str(p) for p in item])
+                    rows[k] += len(item)
+                else:
+                    pending.append((k, out, task.remote(str(Path(item).resolve()), str(item), out)))
+    except FolderLinks:
+        return None
+    results = ray.get([ref for _, _, ref in pending])
+    for (k, out, _), result in zip(pending, results):
+        if "link" in result:
+            return None
+        rows[k] += result["rows"]
+        notes.extend(result["notes"])
+        if not result["rows"]:
+            files.remove(out)
+    for folder, count in zip(folders, rows):
+        if not count:
+            raise ProtextError(f"{folder}: no image files in this folder or below")
+    return FolderListing(files, part_size, os.getcwd())
