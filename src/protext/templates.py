@@ -41,6 +41,12 @@ IMAGENET_80 = [
     "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
 
+# The 7 of those 80 that CLIP's authors kept as a smaller ensemble (their ImageNet prompt notebook).
+IMAGENET_7 = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]
+
 # The single template of the CLIP baseline, per dataset.
 CLIP_TEMPLATES = {
     "imagenet": "a photo of a {}.",

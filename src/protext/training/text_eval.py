@@ -37,7 +37,7 @@ from ..feature_cache import encode_texts
 from ..flags import option
 from ..heads import Heads, HeadInputs, Waffle, all_heads, table_order
 from ..metrics import harmonic_mean, top1
-from ..model import ProText
+from ..model import INFERENCE, ProText
 from ..sources import dataset_of, load_descriptors, resolve
 from ..templates import protext_template
 from . import report as rp
@@ -141,8 +141,12 @@ class TextEvaluator:
 
     def __init__(self, backbone: Backbone, cfg: TrainConfig, ctx: Context = Context(), template: str | None = None,
                  mask_word: str = "thing", work_dir: Path | None = None, waffle: Waffle = Waffle(),
-                 descriptors: Mapping[str, Mapping[str, Sequence[str]]] | None = None, waffle_seeds: int = 1):
+                 descriptors: Mapping[str, Mapping[str, Sequence[str]]] | None = None, waffle_seeds: int = 1,
+                 variants: Mapping[str, Mapping] | None = None):
+        """`variants`: more protext columns, name -> inference settings (`model.INFERENCE` fields) the
+        same trained prompts are scored with (an ablation costs no training)."""
         self.backbone = backbone
+        self.variants = dict(variants or {})
         self.cfg = replace(cfg, depth=min(cfg.depth, backbone.text.num_layers))
         self.ctx = ctx
         self.template = template
@@ -157,8 +161,9 @@ class TextEvaluator:
 
     def train_prompts(self, data: Mapping[str, Sequence[str]]) -> ProText:
         """Train (or reuse the finished run for exactly these descriptions and settings)."""
+        training = {k: v for k, v in asdict(self.cfg).items() if k not in INFERENCE}  # one run for any of those
         key = sha1(self.backbone.fingerprint(), self.backbone.text.text_rule, json.dumps(data),
-                   json.dumps(asdict(self.cfg)))[:16]
+                   json.dumps(training))[:16]
         return load_or_train(self.backbone, data, self.cfg, self.work_dir / key, self.ctx)
 
     def score(self, queries: Queries, classes: Sequence[str], model: ProText,
@@ -188,6 +193,9 @@ class TextEvaluator:
                 out[name] = 100.0 * int((scores.argmax(1) == queries.labels).sum()) / max(1, len(queries.labels))
             else:
                 out[name] = top1(q, queries.labels, weights)
+        for name, settings in self.variants.items():
+            used = replace(inputs, prompts=model.used_with(**settings))
+            out[name] = top1(q, queries.labels, Heads(self.backbone, used, self.ctx).get("protext", classes))
         return out
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,

@@ -32,7 +32,8 @@ from ..errors import ProtextError
 from ..context import Context
 from ..feature_cache import encode_texts
 from ..flags import option
-from ..model import DEFAULT_TEMPLATE, INIT_PHRASE, INITS, ProText, PromptShape, is_complete, upgrade_init
+from ..model import (DEFAULT_TEMPLATE, INFERENCE, INIT_PHRASE, INITS, ProText, PromptShape, check_inference,
+                     is_complete, upgrade_init)
 from ..templates import check_template
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -52,6 +53,10 @@ PRESETS: dict[str, dict] = {
     # Per dataset, all classes, evaluated on the same label set.
     "text-only": dict(n_ctx=4, depth=9, lr=0.03, epochs=30, init="words", init_words=INIT_PHRASE),
 }
+# Beyond the paper: the same training, used through CLIP's 7 ensemble templates as well as the inference
+# template and blended half and half with the frozen encoder (see docs/training.md for what each adds).
+ENSEMBLE = dict(templates="ensemble", blend=0.5)
+PRESETS.update({f"{name}-ensemble": {**PRESETS[name], **ENSEMBLE} for name in ("cross-dataset", "base2novel")})
 
 
 @dataclass
@@ -104,6 +109,7 @@ class TrainConfig(PromptShape):
         if self.anchor < 0:
             raise ProtextError(f"{_named('anchor')} must be 0 or more, got {self.anchor}")
         check_template(self.template)
+        check_inference(self.templates, self.blend)
 
 
 def _named(name: str) -> str:
@@ -341,8 +347,8 @@ def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] 
     """The prompts in `folder` when a finished run is there, else train them there (resuming
     an interrupted run). Benchmarks and the image-free check use this, so a rerun reuses work.
     `descriptions` may be a function, called only when training is needed (a download, say)."""
-    if is_complete(folder):
-        return ProText.from_pretrained(folder, backbone=backbone)
+    if is_complete(folder):  # trained with these settings, maybe used with other inference settings
+        return ProText.from_pretrained(folder, backbone=backbone).used_with(**{k: getattr(cfg, k) for k in INFERENCE})
     data = descriptions() if callable(descriptions) else descriptions
     model, _ = train(backbone, data, cfg, folder, ctx, resume=True, source=source)
     return model
@@ -404,7 +410,8 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
         raise ProtextError(f"{path}: not a checkpoint this protext can resume; train again into a new --out")
     saved = upgrade_init(meta["config"])  # checkpoints written when init held the words
     defaults = {f.name: f.default for f in fields(TrainConfig)}  # settings added since the checkpoint was written
-    diff = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items() if saved.get(k, defaults[k]) != v}
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items()
+            if saved.get(k, defaults[k]) != v and k not in INFERENCE}  # those change no step
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ProtextError(f"{path}: cannot resume, settings differ ({shown})")
