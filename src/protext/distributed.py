@@ -79,7 +79,7 @@ def open_ray_inputs(paths: Sequence[str | Path], part_size: int, listing: Path, 
     folders = listable(paths)
     if folders is not None:
         connect(address)
-        found = list_on_ray(folders, listing, part_size, units=max(16, 4 * workers), notes=notes)
+        found = list_on_ray(folders, listing, part_size, units=max(16, 4 * workers), tasks=max(2, workers), notes=notes)
         if found is not None:
             return found
     return open_inputs(paths, part_size, notes)

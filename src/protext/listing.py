@@ -5,8 +5,9 @@ and holds every path in memory. With `--engine ray`, `list_on_ray` instead:
 
 1. walks the top of each folder on the driver (at most `LEVELS` levels, until there are about
    `units` subfolders to hand out); the images found up there are written by the driver;
-2. gives each subfolder below to a Ray task, which lists it (sorted) and writes its paths as one
-   Parquet file into the listing folder (atomically; nothing passes back but a count);
+2. shares the subfolders below out to a few Ray tasks (as many as the job's workers: a task's
+   process starts once), which list each (sorted) and write its paths as one Parquet file into
+   the listing folder (atomically; nothing passes back but counts);
 3. returns a `FolderListing`: those files in order, read a part at a time like any manifest.
 
 The result is the single-machine listing exactly (`inputs.collect`: the same paths, named the
@@ -131,15 +132,18 @@ def write_listing(path: str, names: Sequence[str]) -> None:
     atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP))
 
 
-def _list_task(folder: str, named: str, out: str) -> dict:
-    """A Ray task: list one subfolder into its listing file."""
-    try:
-        names, notes = list_folder(folder, named)
-    except FolderLinks as e:
-        return {"link": str(e)}
-    if names:
-        write_listing(out, names)
-    return {"rows": len(names), "notes": notes}
+def _list_task(units: list[tuple[str, str, str]]) -> list[dict]:
+    """A Ray task: list some subfolders, (folder, named, listing file) each, into their listing files."""
+    out = []
+    for folder, named, path in units:
+        try:
+            names, notes = list_folder(folder, named)
+        except FolderLinks as e:
+            return [{"link": str(e)}]
+        if names:
+            write_listing(path, names)
+        out.append({"rows": len(names), "notes": notes})
+    return out
 
 
 class FolderListing(Manifest):
@@ -171,10 +175,11 @@ class FolderListing(Manifest):
             out.items.append(os.path.join(self.cwd, row["path"]))
 
 
-def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: int = 64,
+def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: int = 64, tasks: int = 8,
                 notes: list[str] | None = None) -> FolderListing | None:
-    """List `folders` (see `listable`) with Ray tasks into `listing/` (Ray must be initialised);
-    None when a link to a folder was met (then list them on the driver, `inputs.collect`)."""
+    """List `folders` (see `listable`) with at most `tasks` Ray tasks into `listing/` (Ray must be
+    initialised), the driver opening subfolders until there are about `units`; None when a link to
+    a folder was met (then list them on the driver, `inputs.collect`)."""
     import ray
 
     notes = notes if notes is not None else []
@@ -182,8 +187,8 @@ def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: i
     listing.mkdir(parents=True, exist_ok=True)
     for old in listing.glob("*.parquet"):  # a listing from an earlier run: the folders may have changed
         old.unlink()
-    task = ray.remote(_list_task).options(num_cpus=0.25, max_retries=3)
-    files, pending, rows = [], [], [0] * len(folders)
+    task = ray.remote(_list_task).options(num_cpus=1, max_retries=3)
+    files, subfolders, rows = [], [], [0] * len(folders)
     try:
         for k, folder in enumerate(folders):
             for kind, item in plan(folder, units, notes):
@@ -193,17 +198,20 @@ def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: i
                     write_listing(out, [str(p) for p in item])
                     rows[k] += len(item)
                 else:
-                    pending.append((k, out, task.remote(str(Path(item).resolve()), str(item), out)))
+                    subfolders.append((k, (str(Path(item).resolve()), str(item), out)))
     except FolderLinks:
         return None
-    results = ray.get([ref for _, _, ref in pending])
-    for (k, out, _), result in zip(pending, results):
-        if "link" in result:
+    # a few tasks of many subfolders each: a task's worker process starts once (its imports take seconds)
+    tasks = max(1, min(len(subfolders), tasks))
+    chunks = [subfolders[i::tasks] for i in range(tasks)]
+    for chunk, results in zip(chunks, ray.get([task.remote([u for _, u in chunk]) for chunk in chunks])):
+        if any("link" in r for r in results):
             return None
-        rows[k] += result["rows"]
-        notes.extend(result["notes"])
-        if not result["rows"]:
-            files.remove(out)
+        for (k, (_, _, out)), result in zip(chunk, results):
+            rows[k] += result["rows"]
+            notes.extend(result["notes"])
+            if not result["rows"]:
+                files.remove(out)
     for folder, count in zip(folders, rows):
         if not count:
             raise ProtextError(f"{folder}: no image files in this folder or below")
