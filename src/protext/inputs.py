@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,15 +486,26 @@ def is_manifest(item: str | Path) -> bool:
     name = urlsplit(str(item)).path if is_uri(str(item)) else str(item)
     if Path(name).suffix.lower() in (".parquet", ".jsonl", ".tar"):
         return True
-    if not is_uri(str(item)) and Path(item).is_dir():
-        return bool(_manifest_files(Path(item)) or _shard_files(Path(item))) and not _has_images(Path(item))
-    return False
+    return not is_uri(str(item)) and Path(item).is_dir() and _holds_tables(Path(item))
 
 
 def _is_shards(item: str | Path) -> bool:
     name = urlsplit(str(item)).path if is_uri(str(item)) else str(item)
     return name.lower().endswith(".tar") or (not is_uri(str(item)) and Path(item).is_dir()
-                                             and bool(_shard_files(Path(item))))
+                                             and _holds_tables(Path(item)) and bool(_shard_files(Path(item))))
+
+
+def _holds_tables(folder: Path) -> bool:
+    """Whether a folder holds manifest files or shards and no image: walked only until its first image,
+    so telling an image folder of a billion files costs next to nothing."""
+    tables = False
+    for root, _, names in os.walk(folder):
+        for name in names:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, name)):
+                return False
+            tables = tables or (suffix in (*MANIFEST_SUFFIXES, ".tar") and not name.startswith(("_", ".")))
+    return tables
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -547,10 +559,6 @@ def parts_of(inputs: Inputs, part_size: int) -> int:
 def _manifest_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES
                   and not p.name.startswith(("_", ".")))
-
-
-def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
 
 
 def _open(location: str):

@@ -51,76 +51,73 @@ def listable(paths: Sequence[str | Path]) -> list[Path] | None:
     return folders
 
 
-def _image_entry(path: Path, notes: list[str]) -> bool:
-    """Whether a non-folder entry is an image file, as `images.list_images` decides (a dangling link
-    with an image suffix is noted and skipped)."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return False
-    if path.is_file():
-        return True
-    notes.append(f"{path}: a link to nothing (dangling); skipped")
-    return False
+def _join(base: str, name: str) -> str:
+    """`str(Path(base) / name)`, without making Paths (a task joins millions)."""
+    return name if base == "." else base + name if base.endswith("/") else f"{base}/{name}"
 
 
-def _entries(folder: Path, notes: list[str]) -> list[tuple[str, Path]]:
-    """A folder's images and subfolders, sorted by name: ("file", path) or ("dir", path)."""
-    out = []
+def _entries(folder: str, named: str, notes: list[str]) -> list[tuple[bool, str, str]]:
+    """A folder's subfolders and images, sorted by name, as (is a folder, path, path as named): the
+    order `images.list_images` gives, which sorts paths component by component. An image suffix on a
+    link to nothing is noted and skipped, as there."""
     try:
         with os.scandir(folder) as it:
             items = sorted(it, key=lambda e: e.name)
     except OSError:  # unreadable: skipped, as os.walk skips it
         return []
+    out = []
     for entry in items:
-        path = folder / entry.name
+        path, name = _join(folder, entry.name), _join(named, entry.name)
         if entry.is_dir():  # follows links, as os.walk(followlinks=True)
             if entry.is_symlink():
-                raise FolderLinks(str(path))
-            out.append(("dir", path))
-        elif _image_entry(path, notes):
-            out.append(("file", path))
+                raise FolderLinks(name)
+            out.append((True, path, name))
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+            if entry.is_file():
+                out.append((False, path, name))
+            else:
+                notes.append(f"{name}: a link to nothing (dangling); skipped")
     return out
 
 
-def plan(folder: Path, units: int, notes: list[str]) -> list[tuple[str, list[Path] | Path]]:
+def plan(folder: Path, units: int, notes: list[str]) -> list[tuple[str, list[str] | tuple[str, str]]]:
     """The listing of `folder` in order, as units: ("files", [paths]) the driver writes and
-    ("dir", path) a task lists; subfolders are opened level by level until there are `units` of
-    them or `LEVELS` levels have been walked."""
-    todo: list[tuple[str, list[Path] | Path]] = [("dir", folder)]
+    ("dir", (path, path as named)) a task lists; subfolders are opened level by level until there
+    are `units` of them or `LEVELS` levels have been walked."""
+    todo: list = [("dir", (str(folder), str(folder)))]
     for _ in range(LEVELS):
         if sum(kind == "dir" for kind, _ in todo) >= units:
             break
-        opened: list[tuple[str, list[Path] | Path]] = []
+        opened: list = []
         for kind, item in todo:
             if kind != "dir":
                 opened.append((kind, item))
                 continue
-            for sub_kind, path in _entries(item, notes):
-                if sub_kind == "file" and opened and opened[-1][0] == "files":
-                    opened[-1][1].append(path)
+            for is_dir, path, name in _entries(*item, notes):
+                if is_dir:
+                    opened.append(("dir", (path, name)))
+                elif opened and opened[-1][0] == "files":
+                    opened[-1][1].append(name)
                 else:
-                    opened.append(("files", [path]) if sub_kind == "file" else ("dir", path))
+                    opened.append(("files", [name]))
         if opened == todo:
             break
         todo = opened
     return [u for u in todo if u[0] == "dir" or u[1]]
 
 
-def list_folder(folder: str, named: str) -> tuple[list[str], list[str]]:
-    """The images below `folder` (absolute), sorted as `images.list_images` sorts them, named below
-    `named` (the folder as the user gave it); raises `FolderLinks` at a link to a folder."""
-    found: list[Path] = []
-    notes: list[str] = []
-    for root, dirs, names in os.walk(folder):
-        for d in dirs:
-            if os.path.islink(os.path.join(root, d)):
-                raise FolderLinks(os.path.join(named, os.path.relpath(os.path.join(root, d), folder)))
-        for name in names:
-            path = Path(root) / name
-            if _image_entry(path, notes):
-                found.append(path)
-    base = Path(folder)
-    return [str(Path(named) / p.relative_to(base)) for p in sorted(found)], \
-        [n.replace(folder, named, 1) for n in notes]
+def list_folder(folder: str, named: str, notes: list[str]) -> list[str]:
+    """The images below `folder`, in `images.list_images`'s order, named below `named` (the folder as
+    the user gave it); raises `FolderLinks` at a link to a folder."""
+    found: list[str] = []
+    stack = _entries(folder, named, notes)[::-1]
+    while stack:
+        is_dir, path, name = stack.pop()
+        if is_dir:
+            stack.extend(_entries(path, name, notes)[::-1])
+        else:
+            found.append(name)
+    return found
 
 
 def write_listing(path: str, names: Sequence[str]) -> None:
@@ -136,8 +133,9 @@ def _list_task(units: list[tuple[str, str, str]]) -> list[dict]:
     """A Ray task: list some subfolders, (folder, named, listing file) each, into their listing files."""
     out = []
     for folder, named, path in units:
+        notes: list[str] = []
         try:
-            names, notes = list_folder(folder, named)
+            names = list_folder(folder, named, notes)
         except FolderLinks as e:
             return [{"link": str(e)}]
         if names:
@@ -195,10 +193,10 @@ def list_on_ray(folders: Sequence[Path], listing: Path, part_size: int, units: i
                 out = str((listing / f"{len(files):06d}.parquet").resolve())
                 files.append(out)
                 if kind == "files":
-                    write_listing(out, [str(p) for p in item])
+                    write_listing(out, item)
                     rows[k] += len(item)
                 else:
-                    subfolders.append((k, (str(Path(item).resolve()), str(item), out)))
+                    subfolders.append((k, (os.path.abspath(item[0]), item[1], out)))
     except FolderLinks:
         return None
     # a few tasks of many subfolders each: a task's worker process starts once (its imports take seconds)
