@@ -36,11 +36,9 @@ def child(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     if args.engine == "ray":
-        import ray
+        from protext.distributed import connect, open_ray_inputs
 
-        from protext.distributed import open_ray_inputs
-
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        connect(None, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
         t0 = time.perf_counter()  # the listing, not Ray's start-up
         inputs = open_ray_inputs([args.folder], 4096, Path(args.work) / "_listing", workers=2)
         assert type(inputs).__name__ == "FolderListing", "the tree was listed on the driver"

@@ -44,11 +44,9 @@ def child(args: argparse.Namespace) -> None:
     opened = time.perf_counter() - t0
     out = Path(args.work) / f"out-{args.engine}-{args.rows}"
     if args.engine == "ray":
-        import ray
+        from protext.distributed import connect, label_on_ray
 
-        from protext.distributed import label_on_ray
-
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        connect(None, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
         report = label_on_ray(clf, manifest, out=out, part_size=args.part_size, workers=args.workers,
                               cpus_per_worker=max(1, (os.cpu_count() or 2) // args.workers), batch_size=256, ctx=ctx)
     else:

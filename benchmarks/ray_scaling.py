@@ -46,7 +46,7 @@ def main() -> None:
     from protext.classifier import ProTextClassifier
     from protext.context import QUIET
     from protext.descriptions import load_descriptions
-    from protext.distributed import features_on_ray, label_on_ray
+    from protext.distributed import connect, features_on_ray, label_on_ray
     from protext.feature_folder import write_features
     from protext.label import label
 
@@ -81,7 +81,7 @@ def main() -> None:
         print(f"| {job} | single process | {one:.2f} |", flush=True)
         if not ray.is_initialized():
             local = {} if args.address else {"_node_ip_address": "127.0.0.1"}  # a local instance stays on loopback
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+            connect(args.address, **local)  # as `protext label --engine ray` starts or joins it
         best = steady_best = 0.0
         for n in map(int, args.workers.split(",")):
             out = work / f"{job}-ray-{n}"

@@ -16,7 +16,7 @@ from support import ROOT, SHARED
 from protext.context import QUIET, Context
 from protext.classifier import ProTextClassifier
 from protext.cli import main
-from protext.distributed import PartWorker, features_on_ray, label_on_ray
+from protext.distributed import PartWorker, connect, features_on_ray, label_on_ray
 from protext.feature_folder import read_features, write_features
 from protext.inputs import collect
 from protext.errors import ProtextError
@@ -31,9 +31,17 @@ CIFAR = SHARED / "images" / "cifar10_test_sample"
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    connect(None, num_cpus=2, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
+
+
+def test_a_local_instance_runs_its_workers_at_the_callers_priority(cluster):
+    # Ray's default (nice 15) lets any busy program on the machine slow a job down ten times
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(ray.remote(num_cpus=0)(niceness).remote()) == os.nice(0)
 
 
 @pytest.fixture(scope="module")

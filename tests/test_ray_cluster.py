@@ -58,6 +58,7 @@ def three_nodes(monkeypatch):
 
     monkeypatch.setattr(services, "get_node_ip_address", lambda *args, **kwargs: "127.0.0.1")
     monkeypatch.setenv("RAY_NODE_IP_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # as distributed.connect: workers not starved by other programs
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]

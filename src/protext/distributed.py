@@ -24,6 +24,7 @@ file system); the images and manifests may be local to it too, or any filesystem
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -64,11 +65,19 @@ def ray_module():
     return ray
 
 
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at `address` ("auto", "ray://host:port"), or start a local instance (None)."""
+def connect(address: str | None, **init) -> None:
+    """Join the Ray cluster at `address` ("auto", "ray://host:port"), or start a local instance (None);
+    `init` goes to `ray.init` (a local instance's `num_cpus`, say).
+
+    A local instance lives only as long as the job, so it starts without the dashboard (a process
+    and seconds of start-up nobody can look at afterwards) and its workers run at the caller's
+    priority: Ray's default, nice 15, lets any other program on the machine take the CPUs from
+    the job, which the local engine does not. Neither touches a cluster that is already running."""
     ray = ray_module()
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        os.environ.setdefault("RAY_worker_niceness", "0")  # read only by the processes a new instance starts
+        ray.init(address=address, **{"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False,
+                                     **init})
 
 
 def open_ray_inputs(paths: Sequence[str | Path], part_size: int, listing: Path, address: str | None = None,
