@@ -1,4 +1,5 @@
-"""The ensemble presets: the paper's training, used through more templates and blended with the frozen encoder."""
+"""The inference settings beyond the paper: learned prompts used through more templates (--templates ensemble)
+and blended with the frozen encoder (--blend)."""
 
 import json
 from dataclasses import asdict
@@ -21,14 +22,15 @@ CLASSES = ["cat", "dog", "car", "ship"]
 DATA = {c: [f"A {c} is a thing with {w} parts." for w in ("red", "blue", "small", "round", "long")] for c in CLASSES}
 
 
-def test_the_paper_presets_are_unchanged_and_the_ensemble_presets_only_add_inference_settings():
+def test_the_paper_presets_are_unchanged_and_use_the_prompts_as_the_paper_does():
     paper = dict(n_ctx=4, depth=9, lr=0.03, init="words", init_words="a photo of a")
     assert PRESETS["cross-dataset"] == {**paper, "epochs": 10}
     assert PRESETS["base2novel"] == {**paper, "epochs": 30}
-    for name in ("cross-dataset", "base2novel"):
-        a, b = asdict(make_config(name)), asdict(make_config(f"{name}-ensemble"))
+    assert sorted(PRESETS) == ["base2novel", "cross-dataset", "imagenet-200ep", "text-only"]
+    for name in PRESETS:
+        a, b = asdict(make_config(name)), asdict(make_config(name, overrides={"templates": "ensemble", "blend": 0.5}))
         assert {k for k in a if a[k] != b[k]} == set(INFERENCE)
-        assert (b["templates"], b["blend"]) == ("ensemble", 0.5) and (a["templates"], a["blend"]) == ("one", 0.0)
+        assert (a["templates"], a["blend"]) == ("one", 0.0)
 
 
 def test_the_ensemble_head_is_the_blend_of_the_learned_and_frozen_template_means(tiny, tmp_path):
@@ -67,15 +69,16 @@ def test_inference_settings_out_of_range_are_refused_naming_the_setting_or_file(
         read_config(folder / "protext_config.json")
 
 
-def test_an_ensemble_preset_reuses_the_paper_run_and_trains_into_prompts_that_keep_their_settings(tiny, tmp_path):
+def test_inference_settings_reuse_the_paper_run_and_train_into_prompts_that_keep_them(tiny, tmp_path):
     ctx = Context(tmp_path / "cache", progress=False)
     small = dict(depth=2, epochs=1, warmup_epochs=0, lr=0.001)
-    paper, ensemble = (make_config(p, overrides=small) for p in ("base2novel", "base2novel-ensemble"))
+    paper = make_config("base2novel", overrides=small)
+    ensemble = make_config("base2novel", overrides={**small, "templates": "ensemble", "blend": 0.5})
     a = TextEvaluator(tiny, paper, ctx, work_dir=tmp_path / "runs")
     b = TextEvaluator(tiny, ensemble, ctx, work_dir=tmp_path / "runs")
     first = a.train_prompts(DATA)
     runs = list((tmp_path / "runs").iterdir())
-    second = b.train_prompts(DATA)  # the same training: the finished run is used, with the preset's settings
+    second = b.train_prompts(DATA)  # the same training: the finished run is used, with the config's settings
     assert list((tmp_path / "runs").iterdir()) == runs and torch.equal(first.prompts, second.prompts)
     assert (second.config.templates, second.config.blend) == ("ensemble", 0.5) and first.config.templates == "one"
     trained = load_or_train(tiny, DATA, ensemble, tmp_path / "fresh", ctx)  # a new run records them in its files
@@ -89,15 +92,17 @@ def test_an_ensemble_preset_reuses_the_paper_run_and_trains_into_prompts_that_ke
     assert scores["protext-ensemble"] == b.score(q, CLASSES, second, None, "a photo of a {}.", None, "check")["protext"]
 
 
-def test_train_help_lists_the_ensemble_presets_and_flags_override_their_settings(tiny_folder, tmp_path, capsys):
+def test_train_help_lists_the_inference_settings_and_their_flags_are_kept_in_the_prompts(tiny_folder, tmp_path,
+                                                                                          capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "cross-dataset-ensemble" in out and "base2novel-ensemble" in out and "--blend" in out
+    assert "--templates" in out and "--blend" in out
     (tmp_path / "d.json").write_text(json.dumps(DATA))
-    code = main(["train", "--preset", "base2novel-ensemble", "--descriptions", str(tmp_path / "d.json"), "--backbone",
+    code = main(["train", "--preset", "base2novel", "--descriptions", str(tmp_path / "d.json"), "--backbone",
                  str(tiny_folder), "--out", str(tmp_path / "p"), "--epochs", "1", "--warmup-epochs", "0",
-                 "--depth", "2", "--blend", "0.3", "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+                 "--depth", "2", "--templates", "ensemble", "--blend", "0.3", "--cache-dir", str(tmp_path / "c"),
+                 "--no-progress"])
     assert code == 0
     saved = read_config(tmp_path / "p" / "protext_config.json")
     assert (saved.templates, saved.blend) == ("ensemble", 0.3)

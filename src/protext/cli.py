@@ -197,7 +197,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="description JSON file, or a public set name such as cupl:imagenet (default: %(default)s)")
     p.add_argument("--classes", default=None, help="train on these classes only: a file (one per line, or a JSON "
                                                    "list) or a,b,c")
-    p.add_argument("--preset", default="cross-dataset", choices=sorted(PRESETS), help="the paper's settings, or the same training used with an ensemble at inference (the -ensemble presets; docs/training.md) (default: %(default)s)")
+    p.add_argument("--preset", default="cross-dataset", choices=sorted(PRESETS), help="the paper's settings (docs/training.md) (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: prompts/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the prompts to this Hub repo")

@@ -228,8 +228,8 @@ HEADS: dict[str, Head] = {h.name: h for h in (
          needs="descriptions", given_by="--descriptions FILE or cupl:NAME", default=True,
          sentences=lambda heads, classes, name: heads.descriptions.get(normalize_name(name)), fallback="clip"),
     Head("protext", "ProText", "the learned prompts with \"a photo of a {}.\" (with --cross-dataset, the "
-         "dataset's ProText inference template; prompts of an ensemble preset add CLIP's 7 ensemble templates and "
-         "blend in the frozen encoder)", needs="prompts", given_by="--prompts DIR", default=True,
+         "dataset's ProText inference template; prompts set to --templates ensemble add CLIP's 7 ensemble "
+         "templates, --blend mixes in the frozen encoder)", needs="prompts", given_by="--prompts DIR", default=True,
          encode=_protext, export=_protext_export),
     Head("awt", "AWT", "AWT: the image and 50 seeded augmented views against the class's template and first 50 "
          "descriptions, weighted by prediction entropy and matched by optimal transport", needs="descriptions",

@@ -53,10 +53,6 @@ PRESETS: dict[str, dict] = {
     # Per dataset, all classes, evaluated on the same label set.
     "text-only": dict(n_ctx=4, depth=9, lr=0.03, epochs=30, init="words", init_words=INIT_PHRASE),
 }
-# Beyond the paper: the same training, used through CLIP's 7 ensemble templates as well as the inference
-# template and blended half and half with the frozen encoder (see docs/training.md for what each adds).
-ENSEMBLE = dict(templates="ensemble", blend=0.5)
-PRESETS.update({f"{name}-ensemble": {**PRESETS[name], **ENSEMBLE} for name in ("cross-dataset", "base2novel")})
 
 
 @dataclass
