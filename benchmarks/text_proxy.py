@@ -194,7 +194,7 @@ def print_recipe(b2n: dict, cross: dict, others: list[str], variants: dict, cand
         shown = ", ".join(f"{k} {v}" for k, v in settings.items())
         print(f"| {head} | {shown} | {mean('base', head) - mean('base', old):+.2f} | "
               f"{mean('novel', head) - mean('novel', old):+.2f} | {mean('hm', head) - mean('hm', old):+.2f} | "
-              f"{cross_mean(head) - cross_mean(old):+.2f} |")
+              f"{f'{cross_mean(head) - cross_mean(old):+.2f}' if cross else '–'} |")
 
 
 def mean_heads(results: list[dict]) -> dict[str, float]:
