@@ -18,6 +18,7 @@ from protext.descriptions import pairs
 from protext.errors import ProtextError
 from protext.feature_cache import encode_texts, feature_store
 from protext.model import ProText
+from protext.text_encoder import pad
 from protext.training.train import TrainConfig, batch_loss, lr_at, make_config, train
 
 train_module = importlib.import_module("protext.training.train")  # `protext.training.train` is also the function
@@ -320,3 +321,31 @@ def test_grouped_training_runs_end_to_end(tiny, eurosat, tmp_path):
     model, summary = train(tiny, eurosat, cfg, tmp_path / "g", Context(tmp_path / "c", progress=False))
     assert math.isfinite(summary["final_epoch_loss"])
     assert model.config.training["batching"] == "grouped"
+
+
+def test_contrastive_term_is_the_cross_entropy_over_the_batchs_classes(tiny, eurosat, tmp_path):
+    """Written out pair by pair: each description's softmax over the distinct classes of its batch."""
+    cfg = TrainConfig(depth=2, contrast=0.5, contrast_temperature=0.1)
+    classes, texts, cls_idx, txt_idx = pairs(eurosat)
+    batch = torch.randperm(len(cls_idx), generator=torch.Generator().manual_seed(0))[:48]
+    model = ProText.create(tiny, n_ctx=4, depth=2, seed=3)
+    with torch.no_grad():
+        model.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    targets = encode_texts(tiny, texts, Context(tmp_path, progress=False))[torch.tensor(txt_idx)][batch]
+    labels = torch.tensor(cls_idx)[batch]
+    with torch.no_grad():
+        both = batch_loss(model, model.class_token_lists(classes), labels, targets, cfg)
+        regression = batch_loss(model, model.class_token_lists(classes), labels, targets, TrainConfig(depth=2))
+        present = sorted(set(labels.tolist()))
+        feats = model(pad(model.class_token_lists([classes[c] for c in present]), tiny.text.pad_id,
+                                        length=tiny.text.max_length))
+        by_hand = 0.0
+        for t, c in zip(targets, labels.tolist()):
+            logits = torch.stack([t @ feats[k] for k in range(len(present))]) / 0.1
+            by_hand += -torch.log_softmax(logits, 0)[present.index(c)] / len(labels)
+    assert len(present) > 1 and feats.shape[0] == len(present)
+    assert abs((both - regression).item() - 0.5 * by_hand.item()) < 1e-4
+    with pytest.raises(ProtextError, match=r"contrast \(--contrast\)"):
+        TrainConfig(contrast=-1)
+    with pytest.raises(ProtextError, match="contrast_temperature"):
+        TrainConfig(contrast_temperature=0)

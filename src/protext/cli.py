@@ -179,9 +179,10 @@ def _add_max_pixels(p: argparse.ArgumentParser) -> None:
 
 
 def _ray_job(args: argparse.Namespace) -> dict:
-    from .distributed import ray_module
+    from .distributed import connect
 
-    ray_module()  # before any model is loaded: says how to install Ray when it is missing
+    connect(args.address)  # before any model is loaded: says how to install Ray when it is missing, and
+    # a new local instance's workers import torch and transformers while the driver loads its model
     return {"address": args.address, "workers": 2 if args.workers is None else args.workers,
             "num_gpus_per_worker": args.num_gpus_per_worker, "cpus_per_worker": args.cpus_per_worker,
             "batch_size": args.batch_size,

@@ -81,6 +81,10 @@ class TrainConfig(PromptShape):
     anchor: float = option(0.0, "weight of a second loss keeping each class's prompted feature near the frozen "
                                 "feature of its plain template, 'a photo of a {class}.' (as KgCoOp); 0: the paper's "
                                 "loss alone")
+    contrast: float = option(0.0, "weight of a contrastive term: each description in a batch is classified among the "
+                                  "batch's classes by cosine similarity to their prompted features (cross-entropy, as "
+                                  "a CLIP classifier scores an image); 0: the paper's loss alone")
+    contrast_temperature: float = option(0.05, "temperature of the contrastive term (CLIP's own is 0.01)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,8 +106,11 @@ class TrainConfig(PromptShape):
         for name in ("lr", "warmup_lr"):
             if getattr(self, name) <= 0:
                 raise ProtextError(f"{_named(name)} must be above 0, got {getattr(self, name)}")
-        if self.anchor < 0:
-            raise ProtextError(f"{_named('anchor')} must be 0 or more, got {self.anchor}")
+        for name in ("anchor", "contrast"):
+            if getattr(self, name) < 0:
+                raise ProtextError(f"{_named(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.contrast_temperature <= 0:
+            raise ProtextError(f"{_named('contrast_temperature')} must be above 0, got {self.contrast_temperature}")
         check_template(self.template)
         check_inference(self.templates, self.blend)
 
@@ -213,12 +220,18 @@ def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: t
                targets: torch.Tensor, cfg: TrainConfig, anchors: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of one batch: each distinct class encoded once, in groups of similar token length where
     cutting padding is exact (`TextTower.forward_lists`: CLIP and BERT, not SigLIP). With `anchors`
-    (each class's frozen template feature), `cfg.anchor` times their distance is added."""
+    (each class's frozen template feature), `cfg.anchor` times their distance is added. With
+    `cfg.contrast`, each target must also be nearer its own class than the batch's other classes:
+    the regression alone never sees another class, and a classifier is judged by exactly that."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
     feats = model.backbone.text.forward_lists([class_tokens[i] for i in uniq.tolist()], model.prompts)
-    loss = loss_fn(cfg, feats[inverse.to(feats.device)], targets)
+    inverse = inverse.to(feats.device)
+    loss = loss_fn(cfg, feats[inverse], targets)
     if anchors is not None and cfg.anchor > 0:
         loss = loss + cfg.anchor * loss_fn(cfg, feats, anchors[uniq.to(anchors.device)])
+    if cfg.contrast > 0 and len(uniq) > 1:
+        logits = targets.to(feats) @ feats.T / cfg.contrast_temperature
+        loss = loss + cfg.contrast * F.cross_entropy(logits.float(), inverse)
     return loss
 
 
