@@ -45,11 +45,10 @@ def main() -> None:
 
     import ray
 
-    imported = ray.remote(_imported)
     from protext.classifier import ProTextClassifier
     from protext.context import QUIET
     from protext.descriptions import load_descriptions
-    from protext.distributed import connect, features_on_ray, label_on_ray
+    from protext.distributed import PRELOAD, connect, features_on_ray, label_on_ray
     from protext.feature_folder import write_features
     from protext.label import label
 
@@ -77,9 +76,9 @@ def main() -> None:
     # imports are waited for, so that they take no CPU from the single-process runs
     t0 = time.perf_counter()
     connect(args.address, **({} if args.address else {"_node_ip_address": "127.0.0.1"}))  # loopback only
-    preloaded = ray.get([imported.options(num_cpus=1).remote() for _ in range(os.cpu_count() or 1)])
+    preloaded = ray.get([ray.remote(num_cpus=1)(_imported).remote(PRELOAD) for _ in range(os.cpu_count() or 1)])
     print(f"Ray {'joined' if args.address else 'started'} in {time.perf_counter() - t0:.1f} s, its workers' "
-          f"imports done ({sum(preloaded)} of {len(preloaded)} workers had transformers before their first task)")
+          f"imports done ({sum(preloaded)} of {len(preloaded)} workers had {', '.join(PRELOAD)} before their first task)")
     print("| job | path | images/s |\n|---|---|---|", flush=True)
     ratios = []
     for job in args.jobs.split(","):
@@ -117,10 +116,10 @@ def main() -> None:
     print("\n".join(ratios))
 
 
-def _imported() -> bool:
-    """A task runs only once its worker's preloading is over; says whether it preloaded transformers."""
+def _imported(modules: tuple[str, ...]) -> bool:
+    """A task runs only once its worker's preloading is over; says whether it had preloaded `modules`."""
     import sys
-    return "transformers.modeling_utils" in sys.modules
+    return all(m in sys.modules for m in modules)
 
 
 if __name__ == "__main__":

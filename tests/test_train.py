@@ -338,7 +338,7 @@ def test_contrastive_term_is_the_cross_entropy_over_the_batchs_classes(tiny, eur
         regression = batch_loss(model, model.class_token_lists(classes), labels, targets, TrainConfig(depth=2))
         present = sorted(set(labels.tolist()))
         feats = model(pad(model.class_token_lists([classes[c] for c in present]), tiny.text.pad_id,
-                                        length=tiny.text.max_length))
+                          length=tiny.text.max_length))
         by_hand = 0.0
         for t, c in zip(targets, labels.tolist()):
             logits = torch.stack([t @ feats[k] for k in range(len(present))]) / 0.1
