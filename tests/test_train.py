@@ -349,3 +349,80 @@ def test_contrastive_term_is_the_cross_entropy_over_the_batchs_classes(tiny, eur
         TrainConfig(contrast=-1)
     with pytest.raises(ProtextError, match="contrast_temperature"):
         TrainConfig(contrast_temperature=0)
+
+
+def test_training_through_several_templates_draws_one_per_class_and_batch_and_encodes_it_with_the_context(tiny, eurosat, tmp_path):
+    """With train_templates 'ensemble' a pair's input is its class through one of the inference
+    ensemble's templates, one per class and batch; the loss equals the pair-by-pair regression on
+    those very texts."""
+    from protext.heads import HeadInputs, Heads, _protext_templates
+    from protext.model import prompted_text
+    from protext.training.train import epoch_inputs, training_templates
+
+    cfg = TrainConfig(depth=2, train_templates="ensemble")
+    templates = training_templates(cfg)
+    model = ProText.create(tiny, n_ctx=4, depth=2, seed=3).used_with(templates="ensemble")
+    heads = Heads(tiny, HeadInputs(model, template=cfg.template), Context(tmp_path, progress=False))
+    assert templates == _protext_templates(heads) and len(templates) == 8  # what inference averages
+    assert training_templates(TrainConfig()) == [TrainConfig().template]
+    classes, texts, cls_idx, txt_idx = pairs(eurosat)
+    cls_t = torch.tensor(cls_idx)
+    cfg = TrainConfig(depth=2, train_templates="ensemble", batch_size=40)
+    order = torch.randperm(len(cls_idx), generator=torch.Generator().manual_seed(0))
+    inputs = epoch_inputs(order, cls_t, len(classes), len(templates), cfg, 2)
+    assert torch.equal(inputs % len(classes), cls_t)  # the class is kept
+    assert len(set((inputs // len(classes)).tolist())) == len(templates)  # every template is drawn
+    for start in range(0, len(order), 40):  # a batch has as many inputs as classes: one template per class
+        idx = order[start : start + 40]
+        assert len(set(inputs[idx].tolist())) == len(set(cls_t[idx].tolist()))
+    assert torch.equal(inputs, epoch_inputs(order, cls_t, len(classes), len(templates), cfg, 2))  # resumable
+    assert not torch.equal(inputs, epoch_inputs(order, cls_t, len(classes), len(templates), cfg, 3))
+    assert torch.equal(epoch_inputs(order, cls_t, len(classes), 1, TrainConfig(), 2), cls_t)  # the paper: the class
+
+    with torch.no_grad():
+        model.prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    batch = order[:40]
+    targets = encode_texts(tiny, texts, Context(tmp_path, progress=False))[torch.tensor(txt_idx)][batch]
+    tokens = [ids for t in templates for ids in model.class_token_lists(classes, t)]
+    with torch.no_grad():
+        fast = batch_loss(model, tokens, inputs[batch], targets, cfg)
+        texts_by_hand = [prompted_text(templates[int(k) // len(classes)], classes[int(k) % len(classes)],
+                                       model.config.placeholder) for k in inputs[batch]]
+        feats = model(pad(tiny.text.token_lists(texts_by_hand), tiny.text.pad_id, length=tiny.text.max_length))
+        by_hand = torch.nn.functional.mse_loss(feats, targets) * cfg.loss_scale
+    assert len({inputs[int(i)].item() // len(classes) for i in batch}) > 1  # the batch mixes templates
+    assert abs(fast.item() - by_hand.item()) <= 1e-5 * max(1.0, by_hand.item())
+
+    run, summary = train(tiny, eurosat, TrainConfig(depth=2, epochs=2, batch_size=50, warmup_epochs=1,
+                                                    train_templates="ensemble"),
+                         tmp_path / "t", Context(tmp_path / "c", progress=False))
+    assert math.isfinite(summary["final_epoch_loss"]) and run.config.training["train_templates"] == "ensemble"
+    with pytest.raises(ProtextError, match=r"train_templates \(--train-templates\) must be one of one, ensemble"):
+        TrainConfig(train_templates="all")
+    with pytest.raises(ProtextError, match=r"contrast \(--contrast\).*train_templates"):
+        TrainConfig(contrast=1.0, train_templates="ensemble")
+
+
+def test_the_anchor_of_each_training_input_is_its_own_plain_text():
+    from protext.training.train import anchor_texts
+
+    cfg = TrainConfig(train_templates="ensemble")
+    texts = anchor_texts(cfg, ["tench", "goldfish"])
+    assert texts[:2] == ["a photo of a tench.", "a photo of a goldfish."] and len(texts) == 16
+    assert texts[2:4] == ["itap of a tench.", "itap of a goldfish."]  # input t * C + c
+    assert anchor_texts(TrainConfig(), ["tench"]) == ["a photo of a tench."]
+
+
+
+def test_finished_prompts_of_other_training_settings_are_not_reused(tiny, eurosat, tmp_path):
+    from protext.training.train import load_or_train
+
+    ctx = Context(tmp_path / "c", progress=False)
+    cfg = TrainConfig(depth=2, epochs=1, warmup_epochs=0, batch_size=100)
+    first = load_or_train(tiny, eurosat, cfg, tmp_path / "run", ctx)
+    again = load_or_train(tiny, eurosat, TrainConfig(depth=2, epochs=1, warmup_epochs=0, batch_size=100,
+                                                     templates="ensemble"), tmp_path / "run", ctx)
+    assert torch.equal(first.prompts, again.prompts) and again.config.templates == "ensemble"  # inference only
+    with pytest.raises(ProtextError, match=r"run holds prompts trained with other settings \(epochs: there 1, now 2\)"):
+        load_or_train(tiny, eurosat, TrainConfig(depth=2, epochs=2, warmup_epochs=0, batch_size=100),
+                      tmp_path / "run", ctx)

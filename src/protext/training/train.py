@@ -32,9 +32,9 @@ from ..errors import ProtextError
 from ..context import Context
 from ..feature_cache import encode_texts
 from ..flags import option
-from ..model import (DEFAULT_TEMPLATE, INFERENCE, INIT_PHRASE, INITS, ProText, PromptShape, check_inference,
-                     is_complete, upgrade_init)
-from ..templates import check_template
+from ..model import (DEFAULT_TEMPLATE, INFERENCE, INIT_PHRASE, INITS, TEMPLATE_SETS, ProText, PromptShape,
+                     check_inference, is_complete, upgrade_init)
+from ..templates import IMAGENET_7, check_template
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
@@ -85,6 +85,11 @@ class TrainConfig(PromptShape):
                                   "batch's classes by cosine similarity to their prompted features (cross-entropy, as "
                                   "a CLIP classifier scores an image); 0: the paper's loss alone")
     contrast_temperature: float = option(0.05, "temperature of the contrastive term (CLIP's own is 0.01)")
+    train_templates: str = option("one", "training input: 'one' (the template, as the paper) or 'ensemble' (each "
+                                         "class of a batch through one template drawn from it and CLIP's 7 ensemble "
+                                         "templates, with the learned context, at the paper's cost per step: the "
+                                         "context then fits every template --templates ensemble averages)",
+                                  choices=TEMPLATE_SETS)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,7 +99,7 @@ class TrainConfig(PromptShape):
                                f"init_words (--init-words)")
         if self.init == "words" and not self.init_words.strip():
             raise ProtextError("init_words (--init-words) must be the words to initialise the context from, got ''")
-        for name in ("loss", "batching", "precision"):
+        for name in ("loss", "batching", "precision", "train_templates"):
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ProtextError(f"{_named(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -113,6 +118,9 @@ class TrainConfig(PromptShape):
             raise ProtextError(f"{_named('contrast_temperature')} must be above 0, got {self.contrast_temperature}")
         check_template(self.template)
         check_inference(self.templates, self.blend)
+        if self.contrast > 0 and self.train_templates != "one":
+            raise ProtextError("contrast (--contrast) counts each input of a batch as a class of its own, so it needs "
+                               "train_templates (--train-templates) 'one'")
 
 
 def _named(name: str) -> str:
@@ -216,11 +224,36 @@ def epoch_order(classes: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Te
     return torch.argsort(group + torch.rand(len(classes), generator=gen, dtype=torch.double))
 
 
+def training_templates(cfg: TrainConfig) -> list[str]:
+    """The templates a class is trained through: the template, and with `train_templates` "ensemble"
+    CLIP's 7 ensemble templates after it (the inference ensemble's own list and order)."""
+    extra = [t for t in IMAGENET_7 if t != cfg.template] if cfg.train_templates == "ensemble" else []
+    return [cfg.template, *extra]
+
+
+def epoch_inputs(order: torch.Tensor, classes: torch.Tensor, n_classes: int, n_templates: int, cfg: TrainConfig,
+                 epoch: int) -> torch.Tensor:
+    """Each pair's input this epoch, `template * n_classes + class`. With one template, the class itself
+    (the paper). With several, each class of a batch goes through one template drawn for that batch
+    (from seed, epoch and step alone, so a resumed run draws the same): a batch then encodes no more
+    inputs than it has classes, and over the epochs a class meets every template."""
+    if n_templates == 1:
+        return classes
+    steps = math.ceil(len(order) / cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_777_777)
+    drawn = torch.randint(n_templates, (steps, n_classes), generator=gen)
+    step = torch.empty_like(order)
+    step[order] = torch.arange(len(order)) // cfg.batch_size  # the batch each pair falls in
+    return classes + n_classes * drawn[step, classes]
+
+
 def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: torch.Tensor,
                targets: torch.Tensor, cfg: TrainConfig, anchors: torch.Tensor | None = None) -> torch.Tensor:
-    """Loss of one batch: each distinct class encoded once, in groups of similar token length where
-    cutting padding is exact (`TextTower.forward_lists`: CLIP and BERT, not SigLIP). With `anchors`
-    (each class's frozen template feature), `cfg.anchor` times their distance is added. With
+    """Loss of one batch: `classes` holds each pair's input, an index into `class_tokens` (the class,
+    or with several templates `template * n_classes + class`, see `epoch_inputs`); each distinct input is
+    encoded once, in groups of similar token length where cutting padding is exact
+    (`TextTower.forward_lists`: CLIP and BERT, not SigLIP). With `anchors` (each input's frozen
+    feature), `cfg.anchor` times their distance is added. With
     `cfg.contrast`, each target must also be nearer its own class than the batch's other classes:
     the regression alone never sees another class, and a classifier is judged by exactly that."""
     uniq, inverse = torch.unique(classes, return_inverse=True)
@@ -236,9 +269,12 @@ def batch_loss(model: ProText, class_tokens: Sequence[Sequence[int]], classes: t
 
 
 def anchor_texts(cfg: TrainConfig, classes: Sequence[str]) -> list[str]:
-    """The plain template of each class, what the anchor loss keeps the prompted features near."""
-    template = cfg.template if cfg.init == "words" else DEFAULT_TEMPLATE
-    return [template.format(c) for c in classes]
+    """The plain text of each training input (template, class), what the anchor loss keeps the prompted
+    features near; with init 'random' the paper's template stands in for the context's words."""
+    templates = training_templates(cfg)
+    if cfg.init != "words":
+        templates[0] = DEFAULT_TEMPLATE
+    return [t.format(c) for t in templates for c in classes]
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -282,7 +318,8 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     t0 = time.time()
     # Settings are checked against the backbone before the long one-time encoding starts.
     model = ProText.create(backbone, seed=cfg.seed, **{f.name: getattr(cfg, f.name) for f in fields(PromptShape)})
-    class_tokens = model.class_token_lists(classes)
+    templates = training_templates(cfg)
+    class_tokens = [ids for t in templates for ids in model.class_token_lists(classes, t)]  # input t*C + c
     targets_all = encode_texts(backbone, texts, ctx)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
@@ -305,11 +342,12 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
             for group in opt.param_groups:
                 group["lr"] = lr
             order = epoch_order(cls_t, cfg, epoch)
+            inputs = epoch_inputs(order, cls_t, len(classes), len(templates), cfg, epoch)
             total, seen, t_epoch = 0.0, 0, time.time()
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 with autocast:
-                    loss = batch_loss(model, class_tokens, cls_t[idx], targets[idx.to(device)], cfg, anchors)
+                    loss = batch_loss(model, class_tokens, inputs[idx], targets[idx.to(device)], cfg, anchors)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -357,10 +395,26 @@ def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] 
     an interrupted run). Benchmarks and the image-free check use this, so a rerun reuses work.
     `descriptions` may be a function, called only when training is needed (a download, say)."""
     if is_complete(folder):  # trained with these settings, maybe used with other inference settings
-        return ProText.from_pretrained(folder, backbone=backbone).used_with(**{k: getattr(cfg, k) for k in INFERENCE})
+        model = ProText.from_pretrained(folder, backbone=backbone)
+        _check_same_training(folder, model.config.training, cfg)
+        return model.used_with(**{k: getattr(cfg, k) for k in INFERENCE})
     data = descriptions() if callable(descriptions) else descriptions
     model, _ = train(backbone, data, cfg, folder, ctx, resume=True, source=source)
     return model
+
+
+def _check_same_training(folder: str | Path, saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to reuse prompts trained with other settings (a setting the file predates counts as its
+    default); inference settings may differ."""
+    saved = upgrade_init(dict(saved))
+    if not saved:  # a prompt file written without its training record: nothing to compare
+        return
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    diff = [f"{k}: there {saved.get(k, defaults[k])!r}, now {v!r}" for k, v in asdict(cfg).items()
+            if k not in INFERENCE and saved.get(k, defaults[k]) != v]
+    if diff:
+        raise ProtextError(f"{folder} holds prompts trained with other settings ({'; '.join(diff)}); give another "
+                           f"folder, or remove it to train again")
 
 
 def _diverged(out: Path, epoch: int, step: int, value: float, cfg: TrainConfig) -> ProtextError:
