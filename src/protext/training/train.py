@@ -406,15 +406,22 @@ def load_or_train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]] 
 def _check_same_training(folder: str | Path, saved: Mapping[str, Any], cfg: TrainConfig) -> None:
     """Refuse to reuse prompts trained with other settings (a setting the file predates counts as its
     default); inference settings may differ."""
-    saved = upgrade_init(dict(saved))
     if not saved:  # a prompt file written without its training record: nothing to compare
         return
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    diff = [f"{k}: there {saved.get(k, defaults[k])!r}, now {v!r}" for k, v in asdict(cfg).items()
-            if k not in INFERENCE and saved.get(k, defaults[k]) != v]
+    diff = [f"{k}: there {a!r}, now {b!r}" for k, (a, b) in _training_differences(saved, cfg).items()]
     if diff:
         raise ProtextError(f"{folder} holds prompts trained with other settings ({'; '.join(diff)}); give another "
                            f"folder, or remove it to train again")
+
+
+def _training_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Training settings recorded with a run that differ from `cfg`, as {name: (recorded, now)}. A setting
+    the record predates counts as its default, words in `init` as today's init_words; the inference
+    settings change no step, so they never differ."""
+    saved = upgrade_init(dict(saved))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items()
+            if k not in INFERENCE and saved.get(k, defaults[k]) != v}
 
 
 def _diverged(out: Path, epoch: int, step: int, value: float, cfg: TrainConfig) -> ProtextError:
@@ -471,10 +478,7 @@ def _load_checkpoint(path: Path, model: ProText, opt: torch.optim.Optimizer, sca
         meta = json.loads((f.metadata() or {}).get("protext_checkpoint", "null") or "null")
     if not meta or "prompts" not in tensors or "optimizer" not in meta:
         raise ProtextError(f"{path}: not a checkpoint this protext can resume; train again into a new --out")
-    saved = upgrade_init(meta["config"])  # checkpoints written when init held the words
-    defaults = {f.name: f.default for f in fields(TrainConfig)}  # settings added since the checkpoint was written
-    diff = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items()
-            if saved.get(k, defaults[k]) != v and k not in INFERENCE}  # those change no step
+    diff = _training_differences(meta["config"], cfg)
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ProtextError(f"{path}: cannot resume, settings differ ({shown})")
