@@ -41,7 +41,7 @@ from .feature_cache import encode_texts
 from .fudd import TOP_K, ambiguous_set, first_pass_text, second_pass_texts, symmetric, texts_of
 from .fudd import logits as fudd_logits
 from .model import ProText, prompted_text
-from .templates import IMAGENET_7, IMAGENET_80, awt_template, clip_template, protext_template
+from .templates import IMAGENET_80, awt_template, clip_template, ensemble_templates, protext_template
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ def _waffle(heads: "Heads", classes: Sequence[str], name: str) -> list[str]:
 
 def _protext_templates(heads: "Heads") -> list[str]:
     """The inference template, and with `templates` "ensemble" CLIP's 7 ensemble templates after it."""
-    extra = [t for t in IMAGENET_7 if t != _protext_template(heads)]
-    return [_protext_template(heads), *(extra if heads.inputs.prompts.config.templates == "ensemble" else [])]
+    first = _protext_template(heads)
+    return ensemble_templates(first) if heads.inputs.prompts.config.templates == "ensemble" else [first]
 
 
 def _protext(heads: "Heads", classes: Sequence[str]) -> torch.Tensor:

@@ -87,6 +87,12 @@ AWT_TEMPLATES = {
 }
 
 
+def ensemble_templates(first: str) -> list[str]:
+    """`first`, then CLIP's 7 ensemble templates without it: the list both the inference ensemble
+    (`templates` "ensemble") and ensemble training (`train_templates` "ensemble") go through."""
+    return [first, *(t for t in IMAGENET_7 if t != first)]
+
+
 def awt_template(dataset: str | None) -> str:
     return AWT_TEMPLATES.get(dataset or "", "a photo of a {}")
 

@@ -34,7 +34,7 @@ from ..feature_cache import encode_texts
 from ..flags import option
 from ..model import (DEFAULT_TEMPLATE, INFERENCE, INIT_PHRASE, INITS, TEMPLATE_SETS, ProText, PromptShape,
                      check_inference, is_complete, upgrade_init)
-from ..templates import IMAGENET_7, check_template
+from ..templates import check_template, ensemble_templates
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
@@ -227,8 +227,7 @@ def epoch_order(classes: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Te
 def training_templates(cfg: TrainConfig) -> list[str]:
     """The templates a class is trained through: the template, and with `train_templates` "ensemble"
     CLIP's 7 ensemble templates after it (the inference ensemble's own list and order)."""
-    extra = [t for t in IMAGENET_7 if t != cfg.template] if cfg.train_templates == "ensemble" else []
-    return [cfg.template, *extra]
+    return ensemble_templates(cfg.template) if cfg.train_templates == "ensemble" else [cfg.template]
 
 
 def epoch_inputs(order: torch.Tensor, classes: torch.Tensor, n_classes: int, n_templates: int, cfg: TrainConfig,
