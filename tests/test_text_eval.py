@@ -80,6 +80,15 @@ def test_both_protocols_run_end_to_end_on_a_tiny_encoder(tiny, tmp_path, shared)
     # cross-dataset heads read the target dataset's inference template, as ProText's code does
     assert x["pets"]["template_text"] == "a photo of a {}, a type of pet."
     assert x["cupl-dtd"]["template_text"] == "a photo of a {}, a type of a texture."
+    # every score is the mean of the per-query hits the evaluator keeps (what an interval is drawn from)
+    for key, split, scores in (("base2novel/descriptions/base", "base", r["base"]),
+                               ("base2novel/descriptions/novel", "novel", r["novel"]),
+                               ("cross-dataset/pets/test", "test", x["pets"]["scores"])):
+        kept = {h: v for h, v in ev.hits[key].items() if h != "labels"}
+        assert ev.hits[key]["labels"].max() < (37 if split == "test" else 5)
+        assert set(kept) == set(scores) and len(kept["protext"]) == (740 if split == "test" else r["queries"][split])
+        for head, right in kept.items():
+            assert 100 * float(right.double().mean()) == pytest.approx(scores[head])
 
 
 def test_template_heads_score_the_given_template(tiny, tmp_path):
@@ -171,3 +180,45 @@ def test_dclip_and_waffle_heads_in_the_image_free_check(tiny, tmp_path):
     report = {"backbone": tiny.name, "sets": {"base2novel": {"dtd": r, "eurosat": other}}}
     md = markdown_base_to_novel(result_rows(report))
     assert "dclip base / novel / HM" in md and "| eurosat |" in md and " – |" in md
+
+
+def _text_proxy():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "text_proxy.py"
+    spec = importlib.util.spec_from_file_location("text_proxy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_interval_of_a_head_difference():
+    """text_proxy's bootstrap over classes: exact where the answer is forced, around the measured
+    difference otherwise, and wider than the queries alone would make it."""
+    intervals = _text_proxy().intervals
+    labels = torch.arange(8).repeat_interleave(5)  # 8 classes, 5 queries each
+    ones, zeros = torch.ones(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)
+    same = {"a": [{"base": {"new": ones, "protext": ones, "labels": labels},
+                   "novel": {"new": zeros, "protext": zeros, "labels": labels}}]}
+    got = intervals(same, [{"t": {"new": ones, "protext": ones, "labels": labels}}], "new")
+    assert got == {"base": (0.0, 0.0), "novel": (0.0, 0.0), "hm": (0.0, 0.0), "cross": (0.0, 0.0)}
+    better = {"a": [{"base": {"new": ones, "protext": zeros, "labels": labels},
+                     "novel": {"new": ones, "protext": zeros, "labels": labels}}]}
+    assert intervals(better, [], "new") == {"base": (100.0, 100.0), "novel": (100.0, 100.0), "hm": (100.0, 100.0)}
+    # the new head is right on every query of 2 of 8 classes the old one misses: +25 points, and where
+    # those classes are drawn 0 to 5 times the difference ranges accordingly
+    new, old = zeros.clone(), zeros.clone()
+    new[:10] = True
+    one = {"a": [{"base": {"new": new, "protext": old, "labels": labels},
+                  "novel": {"new": new, "protext": old, "labels": labels}}]}
+    lo, hi = intervals(one, [], "new")["novel"]
+    assert 0 <= lo < 25 < hi <= 75
+    # the same 10 right queries spread over all 8 classes: a class draw moves the mean far less
+    spread = torch.zeros(40, dtype=torch.bool)
+    spread[torch.tensor([0, 5, 10, 15, 20, 25, 30, 35, 1, 21])] = True
+    even = {"a": [{"base": {"new": new, "protext": old, "labels": labels},
+                   "novel": {"new": spread, "protext": old, "labels": labels}}]}
+    lo2, hi2 = intervals(even, [], "new")["novel"]
+    assert lo2 < 25 < hi2 and hi2 - lo2 < hi - lo
+    assert intervals(one, [], "new") == intervals(one, [], "new")  # seeded: the same table twice

@@ -22,8 +22,13 @@ def top1(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) ->
     """Top-1 accuracy (%) of cosine similarity; both sides are already normalised."""
     if len(labels) == 0:
         return float("nan")
-    correct = int((top_k(features, weights)[1][:, 0] == labels).sum())
-    return 100.0 * correct / len(labels)  # exact: 8.0, not 7.999999821 from a float32 mean
+    return 100.0 * int(hits(features, labels, weights).sum()) / len(labels)  # exact: 8.0, not 7.999999821
+
+
+def hits(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per feature row, whether its best class is its label: what a paired comparison of two heads
+    on the same queries (a bootstrap interval of their difference) needs, which an accuracy hides."""
+    return top_k(features, weights)[1][:, 0] == labels
 
 
 def harmonic_mean(a: float, b: float) -> float:

@@ -36,7 +36,7 @@ from ..errors import ProtextError
 from ..feature_cache import encode_texts
 from ..flags import option
 from ..heads import Heads, HeadInputs, Waffle, all_heads, table_order
-from ..metrics import harmonic_mean, top1
+from ..metrics import harmonic_mean, hits
 from ..model import INFERENCE, ProText
 from ..sources import dataset_of, load_descriptors, resolve
 from ..templates import protext_template
@@ -155,6 +155,10 @@ class TextEvaluator:
         self.waffle, self.waffle_seeds = waffle, waffle_seeds
         self.descriptors = {d: {normalize_name(k): list(v) for k, v in m.items()} for d, m in (descriptors or {}).items()}
         self.not_run: dict[str, str] = {}
+        # per query, 1 where a head's top-1 is right (WaffleCLIP: the share of its seeds that are), keyed by
+        # "{where}/{split}" then head, and each query's class under "labels": what a paired interval of two
+        # heads' difference is drawn from
+        self.hits: dict[str, dict[str, torch.Tensor]] = {}
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_texts(self.backbone, list(texts), self.ctx)
@@ -168,7 +172,7 @@ class TextEvaluator:
 
     def score(self, queries: Queries, classes: Sequence[str], model: ProText,
               train_data: Mapping[str, Sequence[str]] | None, template: str, dataset: str | None,
-              where: str) -> dict[str, float]:
+              where: str, split: str = "test") -> dict[str, float]:
         """Top-1 of every head the inputs allow: clip and protext read `template`, cupl ensembles
         `train_data`, dclip runs when this dataset's descriptors cover every class, waffle is the
         mean over `waffle_seeds` seeds (its characters from the descriptors or descriptions given)."""
@@ -176,27 +180,29 @@ class TextEvaluator:
         inputs = HeadInputs(model, train_data, self.descriptors.get(dataset or ""), self.waffle, dataset,
                             template=template)
         heads = Heads(self.backbone, inputs, self.ctx)
-        out = {}
+        right: dict[str, torch.Tensor] = {}
         for name in all_heads(inputs):
             try:
                 if name == "waffle":
                     seeds = [replace(self.waffle, seed=self.waffle.seed + k) for k in range(self.waffle_seeds)]
-                    out[name] = sum(top1(q, queries.labels, Heads(self.backbone, replace(inputs, waffle=w), self.ctx)
-                                         .get("waffle", classes)) for w in seeds) / len(seeds)
+                    right[name] = sum(hits(q, queries.labels, Heads(self.backbone, replace(inputs, waffle=w), self.ctx)
+                                           .get("waffle", classes)).double() for w in seeds) / len(seeds)
                     continue
                 weights = heads.get(name, classes)
             except ProtextError as e:  # a head without data for these classes is not run, never replaced
                 self.not_run[f"{where}/{name}"] = str(e)
                 continue
             if heads.views(name):  # a query is one text: a head of views sees it as one view
-                scores = heads.logits(name, q.unsqueeze(1), weights, classes)
-                out[name] = 100.0 * int((scores.argmax(1) == queries.labels).sum()) / max(1, len(queries.labels))
+                right[name] = heads.logits(name, q.unsqueeze(1), weights, classes).argmax(1) == queries.labels
             else:
-                out[name] = top1(q, queries.labels, weights)
+                right[name] = hits(q, queries.labels, weights)
         for name, settings in self.variants.items():
             used = replace(inputs, prompts=model.used_with(**settings))
-            out[name] = top1(q, queries.labels, Heads(self.backbone, used, self.ctx).get("protext", classes))
-        return out
+            right[name] = hits(q, queries.labels, Heads(self.backbone, used, self.ctx).get("protext", classes))
+        self.hits[f"{where}/{split}"] = {**right, "labels": queries.labels}
+        n = len(queries.labels)  # a sum of 0/1 over a count: exact (8.0), as metrics.top1
+        return {name: 100.0 * (float(r.sum()) if r.dtype == torch.double else int(r.sum())) / n if n else float("nan")
+                for name, r in right.items()}
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
                       name: str = "descriptions") -> dict:
@@ -209,8 +215,8 @@ class TextEvaluator:
         base_q = make_queries(held, base, self.mask_word)
         novel_q = make_queries(data, novel, self.mask_word)
         dataset = dataset_of(name)
-        b = self.score(base_q, base, model, train_part, template, dataset, f"base2novel/{name}")
-        n = self.score(novel_q, novel, model, train_part, template, dataset, f"base2novel/{name}")
+        b = self.score(base_q, base, model, train_part, template, dataset, f"base2novel/{name}", "base")
+        n = self.score(novel_q, novel, model, train_part, template, dataset, f"base2novel/{name}", "novel")
         return {"base": b, "novel": n, "hm": {h: harmonic_mean(b[h], n[h]) for h in b if h in n},
                 "classes": {"base": len(base), "novel": len(novel)},
                 "queries": {"base": len(base_q.texts), "novel": len(novel_q.texts)}, "template_text": template,
