@@ -15,7 +15,9 @@ base-to-novel, the target dataset's in cross-dataset ("a photo of a {}, a type o
 
 Every number is the mean over `--seeds` runs (default 3, as the paper averages 3 seeds); a
 seed sets both the hold-out split and the training shuffle. Prints Markdown tables, the
-number of sets where ProText beats the template on novel classes, and the run time.
+number of sets where ProText beats the template on novel classes, and the run time. Each
+candidate's table gives a 95% interval of each mean difference from paper ProText, a paired
+bootstrap over classes (`intervals`).
 Trained prompts are kept under --out/runs, so a rerun with the same settings reuses them.
 
 `--validation` is where settings are chosen: each set shrinks to the training descriptions of its
