@@ -105,7 +105,7 @@ def main() -> None:
                                 args.inference_template, work_dir=args.out / "runs", waffle=Waffle(seed=seed),
                                 descriptors=descriptors, variants=variants)
             runs[name].append(r := b2n.base_to_novel(data, args.holdout, seed))
-            hits[name].append(h := {g: b2n.hits[f"base2novel/descriptions/{g}"] for g in ("base", "novel")})
+            hits[name].append(h := {g: dict(b2n.hits[f"base2novel/descriptions/{g}"]) for g in ("base", "novel")})
             for head, settings in TRAINED.items():  # the same data and seed, other training settings
                 ev = TextEvaluator(backbone, make_config("base2novel", overrides={**common, "epochs": epochs, **settings}),
                                    ctx, args.inference_template, work_dir=args.out / "runs", waffle=Waffle(seed=seed))
@@ -128,7 +128,7 @@ def main() -> None:
                               variants=variants)
         targets = {n: d for n, d in sets.items() if n != "imagenet"}
         cross_runs.append(c := cross.cross_dataset(sets["imagenet"], targets))
-        cross_hits.append(ch := {n: cross.hits[f"cross-dataset/{n}/test"] for n in targets})
+        cross_hits.append(ch := {n: dict(cross.hits[f"cross-dataset/{n}/test"]) for n in targets})
         for head, settings in TRAINED.items():
             ev = TextEvaluator(backbone, make_config("cross-dataset", overrides={**overrides, **settings}), ctx,
                                args.inference_template, work_dir=args.out / "runs", waffle=Waffle(seed=seed))

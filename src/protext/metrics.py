@@ -20,9 +20,14 @@ def top_k(features: torch.Tensor, weights: torch.Tensor, k: int = 1, chunk: int 
 
 def top1(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
     """Top-1 accuracy (%) of cosine similarity; both sides are already normalised."""
-    if len(labels) == 0:
+    return accuracy(hits(features, labels, weights))
+
+
+def accuracy(right: torch.Tensor) -> float:
+    """Top-1 accuracy (%) from per-query hits (`hits`); NaN for no queries."""
+    if len(right) == 0:
         return float("nan")
-    return 100.0 * int(hits(features, labels, weights).sum()) / len(labels)  # exact: 8.0, not 7.999999821
+    return 100.0 * int(right.sum()) / len(right)  # exact: 8.0, not 7.999999821 from a float32 mean
 
 
 def hits(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

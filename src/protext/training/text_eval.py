@@ -36,7 +36,7 @@ from ..errors import ProtextError
 from ..feature_cache import encode_texts
 from ..flags import option
 from ..heads import Heads, HeadInputs, Waffle, all_heads, table_order
-from ..metrics import harmonic_mean, hits
+from ..metrics import accuracy, harmonic_mean, hits
 from ..model import INFERENCE, ProText
 from ..sources import dataset_of, load_descriptors, resolve
 from ..templates import protext_template
@@ -180,13 +180,16 @@ class TextEvaluator:
         inputs = HeadInputs(model, train_data, self.descriptors.get(dataset or ""), self.waffle, dataset,
                             template=template)
         heads = Heads(self.backbone, inputs, self.ctx)
+        out: dict[str, float] = {}
         right: dict[str, torch.Tensor] = {}
         for name in all_heads(inputs):
             try:
                 if name == "waffle":
                     seeds = [replace(self.waffle, seed=self.waffle.seed + k) for k in range(self.waffle_seeds)]
-                    right[name] = sum(hits(q, queries.labels, Heads(self.backbone, replace(inputs, waffle=w), self.ctx)
-                                           .get("waffle", classes)).double() for w in seeds) / len(seeds)
+                    per_seed = [hits(q, queries.labels, Heads(self.backbone, replace(inputs, waffle=w), self.ctx)
+                                     .get("waffle", classes)) for w in seeds]
+                    out[name] = sum(accuracy(h) for h in per_seed) / len(seeds)
+                    right[name] = torch.stack(per_seed).double().mean(0)
                     continue
                 weights = heads.get(name, classes)
             except ProtextError as e:  # a head without data for these classes is not run, never replaced
@@ -194,15 +197,16 @@ class TextEvaluator:
                 continue
             if heads.views(name):  # a query is one text: a head of views sees it as one view
                 right[name] = heads.logits(name, q.unsqueeze(1), weights, classes).argmax(1) == queries.labels
+                out[name] = 100.0 * int(right[name].sum()) / max(1, len(queries.labels))
             else:
                 right[name] = hits(q, queries.labels, weights)
+                out[name] = accuracy(right[name])
         for name, settings in self.variants.items():
             used = replace(inputs, prompts=model.used_with(**settings))
             right[name] = hits(q, queries.labels, Heads(self.backbone, used, self.ctx).get("protext", classes))
+            out[name] = accuracy(right[name])
         self.hits[f"{where}/{split}"] = {**right, "labels": queries.labels}
-        n = len(queries.labels)  # a sum of 0/1 over a count: exact (8.0), as metrics.top1
-        return {name: 100.0 * (float(r.sum()) if r.dtype == torch.double else int(r.sum())) / n if n else float("nan")
-                for name, r in right.items()}
+        return out
 
     def base_to_novel(self, data: Mapping[str, Sequence[str]], holdout: float = 0.2, seed: int = 1,
                       name: str = "descriptions") -> dict:
