@@ -26,7 +26,7 @@ and novel classes; no cross-dataset. It never reads what the test run scores (th
 descriptions and the novel classes).
 
     python benchmarks/text_proxy.py [--seeds 1,2,3] [--depth 6] [--lr 0.03] [--steps 300] [--out bench-text-proxy]
-                                    [--validation] [--trained contrast:contrast=1.0 ...]
+                                    [--validation] [--trained frozen:deep_init=frozen ...]
 """
 
 from __future__ import annotations

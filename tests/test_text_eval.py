@@ -222,3 +222,23 @@ def test_paired_interval_of_a_head_difference():
     lo2, hi2 = intervals(even, [], "new")["novel"]
     assert lo2 < 25 < hi2 and hi2 - lo2 < hi - lo
     assert intervals(one, [], "new") == intervals(one, [], "new")  # seeded: the same table twice
+
+
+def test_a_setting_added_later_keeps_the_runs_kept_before_it(tiny, tmp_path, monkeypatch):
+    """Runs are kept under a hash of their training settings: a setting added since (deep_init) stays
+    out of it at its default, so the folder of a run kept before it existed is found again."""
+    from dataclasses import asdict
+
+    import protext.training.text_eval as te
+    from protext.cache import sha1
+    from protext.model import INFERENCE
+
+    folders = []
+    monkeypatch.setattr(te, "load_or_train", lambda backbone, data, cfg, folder, ctx: folders.append(folder))
+    data = {"tench": ["a fish."], "goldfish": ["an orange fish."]}
+    for deep_init in ("random", "frozen"):
+        cfg = TrainConfig(depth=2, deep_init=deep_init)
+        TextEvaluator(tiny, cfg, Context(tmp_path, progress=False), work_dir=tmp_path).train_prompts(data)
+    before = {k: v for k, v in asdict(TrainConfig(depth=2)).items() if k not in INFERENCE and k != "deep_init"}
+    key = sha1(tiny.fingerprint(), tiny.text.text_rule, json.dumps(data), json.dumps(before))[:16]
+    assert folders[0] == tmp_path / key and folders[1] != folders[0]

@@ -426,3 +426,26 @@ def test_finished_prompts_of_other_training_settings_are_not_reused(tiny, eurosa
     with pytest.raises(ProtextError, match=r"run holds prompts trained with other settings \(epochs: there 1, now 2\)"):
         load_or_train(tiny, eurosat, TrainConfig(depth=2, epochs=2, warmup_epochs=0, batch_size=100),
                       tmp_path / "run", ctx)
+
+
+def test_frozen_deep_init_starts_at_the_plain_templates_features(tiny, eurosat, tmp_path):
+    """CLIP's causal mask keeps the class name out of the context positions, so deep prompts set to the
+    frozen hidden states there give every class exactly its plain-template feature before any step."""
+    from protext.training.train import frozen_context
+
+    names = list(eurosat)
+    model = ProText.create(tiny, seed=1, n_ctx=4, depth=2, init="words", init_words="a photo of a")
+    plain = tiny.text.encode([f"a photo of a {n}." for n in names])
+    assert (model.encode_classes(names) - plain).abs().max() > 1e-3  # the paper's random start is elsewhere
+    states = frozen_context(model, model.class_token_lists(names))
+    assert torch.equal(states[0], model.prompts[0].detach())
+    with torch.no_grad():
+        model.prompts[1:] = states[1:]
+    assert (model.encode_classes(names) - plain).abs().max() < 1e-5
+
+    run, summary = train(tiny, eurosat, TrainConfig(depth=2, epochs=2, batch_size=50, warmup_epochs=1,
+                                                    deep_init="frozen"),
+                         tmp_path / "t", Context(tmp_path / "c", progress=False))
+    assert math.isfinite(summary["final_epoch_loss"]) and run.config.training["deep_init"] == "frozen"
+    with pytest.raises(ProtextError, match=r"deep_init \(--deep-init\) must be one of random, frozen"):
+        TrainConfig(deep_init="zeros")

@@ -44,6 +44,10 @@ from . import report as rp
 from .datasets import split_base_novel
 from .train import TrainConfig, load_or_train, make_config
 
+# Training settings added after runs were first kept under their settings' hash: at their default
+# they stay out of the hash, so those runs are found again.
+LATER_DEFAULTS = {"deep_init": "random"}
+
 STOPWORDS = {"a", "an", "the", "of", "and", "or", "with", "in", "on", "for", "to", "at", "by", "from"}
 
 
@@ -166,6 +170,9 @@ class TextEvaluator:
     def train_prompts(self, data: Mapping[str, Sequence[str]]) -> ProText:
         """Train (or reuse the finished run for exactly these descriptions and settings)."""
         training = {k: v for k, v in asdict(self.cfg).items() if k not in INFERENCE}  # one run for any of those
+        for k, default in LATER_DEFAULTS.items():  # runs kept before a setting existed keep their folder
+            if training.get(k) == default:
+                del training[k]
         key = sha1(self.backbone.fingerprint(), self.backbone.text.text_rule, json.dumps(data),
                    json.dumps(training))[:16]
         return load_or_train(self.backbone, data, self.cfg, self.work_dir / key, self.ctx)

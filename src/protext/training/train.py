@@ -38,6 +38,7 @@ from ..templates import check_template, ensemble_templates
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "train_log.jsonl"
+DEEP_INITS = ("random", "frozen")
 
 
 # The paper's training settings, by name; any value can be overridden by a flag or a config file.
@@ -90,6 +91,11 @@ class TrainConfig(PromptShape):
                                          "templates, with the learned context, at the paper's cost per step: the "
                                          "context then fits every template --templates ensemble averages)",
                                   choices=TEMPLATE_SETS)
+    deep_init: str = option("random", "start of the deep prompts (layers 1 to depth-1): 'random' (std 0.02, as the "
+                                      "paper) or 'frozen' (the frozen encoder's hidden states at the context "
+                                      "positions, averaged over the training classes, so training starts from the "
+                                      "plain template's features: exactly so for CLIP's causal tower)",
+                            choices=DEEP_INITS)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -99,7 +105,7 @@ class TrainConfig(PromptShape):
                                f"init_words (--init-words)")
         if self.init == "words" and not self.init_words.strip():
             raise ProtextError("init_words (--init-words) must be the words to initialise the context from, got ''")
-        for name in ("loss", "batching", "precision", "train_templates"):
+        for name in ("loss", "batching", "precision", "train_templates", "deep_init"):
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ProtextError(f"{_named(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -293,6 +299,42 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
+@torch.no_grad()
+def frozen_context(model: ProText, class_tokens: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
+    """(depth, n_ctx, width): what enters each layer of the frozen encoder at the context positions
+    when only the first-layer prompts are in place, averaged over the texts (row 0 is the prompts'
+    own first row).
+
+    Why: a deep prompt replaces a hidden state, and the paper starts it at random with std 0.02 while
+    the hidden states it replaces are far larger (norm about 11 in all-MiniLM-L6-v2, against 0.4), so
+    training starts from features far from the plain template's (mean cosine 0.73 to 0.81 there) and
+    spends its steps getting back. Starting at the hidden states themselves starts at the plain
+    template (0.994 to 0.997 there). CLIP's mask is causal and the context comes before the class
+    name, so there every text gives the same states and the start is the plain template exactly; a
+    bidirectional tower (BERT, SigLIP) sees the class name, and the mean over the training classes is
+    the nearest one start."""
+    text = model.backbone.text
+    start, n, depth = text.prompt_start, model.config.n_ctx, model.config.depth
+    sums = torch.zeros(depth, n, text.width)
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        return lambda module, args: seen.__setitem__(layer, args[0][:, start:start + n].float().sum(0).cpu())
+    hooks = [text.blocks[i].register_forward_pre_hook(keep(i)) for i in range(1, depth)]
+    try:
+        for k in range(0, len(class_tokens), batch_size):
+            seen.clear()
+            text(text.batch(class_tokens[k:k + batch_size]).to(text.device), model.prompts[:1])
+            for i, states in seen.items():
+                sums[i] += states
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = sums / max(len(class_tokens), 1)
+    out[0] = model.prompts[0].detach().float().cpu()
+    return out
+
+
 def _data_hash(data: Mapping[str, Sequence[str]]) -> str:
     return sha1(json.dumps(data, sort_keys=False))
 
@@ -319,6 +361,9 @@ def train(backbone: Backbone, descriptions: Mapping[str, Sequence[str]], cfg: Tr
     model = ProText.create(backbone, seed=cfg.seed, **{f.name: getattr(cfg, f.name) for f in fields(PromptShape)})
     templates = training_templates(cfg)
     class_tokens = [ids for t in templates for ids in model.class_token_lists(classes, t)]  # input t*C + c
+    if cfg.deep_init == "frozen":  # a resumed run's checkpoint then replaces them, as it does the random ones
+        with torch.no_grad():
+            model.prompts[1:] = frozen_context(model, class_tokens[: len(classes)])[1:].to(model.prompts.device)
     targets_all = encode_texts(backbone, texts, ctx)
     device = backbone.device
     targets = targets_all.to(device)[torch.tensor(txt_idx, device=device)]
